@@ -154,7 +154,10 @@ def make_coeffs(
     if betas.ndim != 1 or betas.shape[0] < 1:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
     if not np.all((betas > 0) & (betas <= 1)):
-        raise ValueError("betas must lie in (0, 1]")
+        raise ValueError(
+            f"betas must lie in (0, 1], got min {betas.min():.6g} and max {betas.max():.6g} "
+            "(the linear schedule scales its betas by 1000/T, so it needs T >= 20)"
+        )
     original_steps = betas.shape[0]
     timestep_map = np.arange(original_steps, dtype=np.int64)
     if respacing is not None:
