@@ -1121,6 +1121,21 @@ def recorded_calc_bpd(refs, diffusion, model, x0, clip, torch_seed):
     return out, torch.stack(recorder.draws), np.asarray(t_order, np.int64)
 
 
+def bpd_vb_float64(diffusion, params, x0, noise, t_order, clip):
+    """calc_bpd_loop's VB terms recomputed in float64 from the recorded noise, step by step in
+    the same loop order (see openai_float64_run for why)."""
+    model = TanhModel({k: v.astype(np.float64) for k, v in params.items()}, continuous=False)
+    x0 = x0.to(torch.float64)
+    columns = []
+    with torch.no_grad():
+        for i, step in enumerate(to_numpy(t_order)):
+            t = torch.full((x0.shape[0],), int(step), dtype=torch.int64)
+            x_t = diffusion.q_sample(x0, t, noise=torch.as_tensor(noise[i]).to(torch.float64))
+            out = diffusion._vb_terms_bpd(model, x_start=x0, x_t=x_t, t=t, clip_denoised=clip)
+            columns.append(out["output"].double())
+    return torch.stack(columns, dim=1)
+
+
 def gen_bpd_openai(refs) -> Store:
     store = Store("bpd_openai")
     shape = (2, CHANNELS, SIZE, SIZE)
@@ -1190,6 +1205,9 @@ def gen_bpd_openai(refs) -> Store:
         store.put(f"{case}/noise", noise)
         store.put(f"{case}/t_order", t_order)
         store.put_all(case, out)
+        vb64 = bpd_vb_float64(diffusion, params, x0, noise, t_order, clip)
+        store.put(f"{case}/f64/vb", vb64)
+        store.put(f"{case}/f64/total_bpd", vb64.sum(dim=1) + out["prior_bpd"].double())
         nonfinite = sorted(name for name, value in out.items() if not torch.isfinite(value).all())
         store.case(
             case,
