@@ -64,10 +64,10 @@ def params_of(arrays: dict, prefix: str) -> dict:
 
 
 def assert_close(actual, expected, rtol=RTOL, atol=ATOL, err_msg=""):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=rtol, atol=atol,
-        err_msg=err_msg,
-    )
+    actual = np.asarray(actual, np.float64)
+    # denoising-diffusion-pytorch returns per-timestep values as [B, 1, 1, 1]; jaxdiff broadcasts.
+    expected = np.broadcast_to(np.asarray(expected, np.float64), actual.shape)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=err_msg)
 
 
 def assert_grad_close(actual, expected, err_msg=""):

@@ -981,6 +981,17 @@ def lucid_learned_case(store, refs, prefix, schedule, steps, x0, noise, t, x_t):
     loss.sum().backward()
     store.put(f"{case}/p_losses/loss", loss)
     store.put_all(f"{case}/p_losses", model.grads())
+    # The same loss in float64 (see openai_float64_run): the decoder term at t = 0 sits in the
+    # CDF's tails, where the float32 reference saturates and floors.
+    model64 = TanhModel({k: v.astype(np.float64) for k, v in params.items()}, continuous=False)
+    diffusion.model = model64
+    loss64 = diffusion.p_losses(
+        x0.double(), t, noise=noise.clone().double(), loss_reduction="none"
+    )
+    loss64.sum().backward()
+    store.put(f"{case}/f64/p_losses/loss", loss64.double())
+    store.put_all(f"{case}/f64/p_losses", {k: v.double() for k, v in model64.grads().items()})
+    diffusion.model = model
 
     # The kl / decoder-nll pieces are internal to p_losses; recompose them from the module's own
     # helpers on the same upstream intermediates (clip_denoised=False as p_losses' default), and
