@@ -47,9 +47,7 @@ def alpha_sigma(log_snr: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
 
 
-def continuous_q_sample(
-    x0: jnp.ndarray, log_snr: jnp.ndarray, noise: jnp.ndarray
-) -> jnp.ndarray:
+def continuous_q_sample(x0: jnp.ndarray, log_snr: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
     """x_t = alpha x_0 + sigma eps for a [B] log-SNR (Kingma et al. 2021, Eq. 1)."""
     alpha, sigma = alpha_sigma(_pad(log_snr, x0))
     return alpha * x0 + sigma * noise

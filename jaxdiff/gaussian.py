@@ -174,9 +174,7 @@ def make_coeffs(
     # beta_0 is used instead.
     first_variance = posterior_variance[1] if num_steps > 1 else betas[0]
     if convention == "openai":
-        posterior_log_variance_clipped = np.log(
-            np.append(first_variance, posterior_variance[1:])
-        )
+        posterior_log_variance_clipped = np.log(np.append(first_variance, posterior_variance[1:]))
     else:
         posterior_log_variance_clipped = np.log(np.maximum(posterior_variance, 1e-20))
     large_variance = np.append(first_variance, betas[1:])
@@ -249,7 +247,9 @@ def q_posterior_mean_variance(
     .. math:: \\tilde\\mu_t = c_1 x_0 + c_2 x_t,\\quad \\tilde\\beta_t =
         \\beta_t (1 - \\bar\\alpha_{t-1}) / (1 - \\bar\\alpha_t)
     """
-    mean = extract(c.posterior_mean_coef1, t, x_t) * x0 + extract(c.posterior_mean_coef2, t, x_t) * x_t
+    mean = (
+        extract(c.posterior_mean_coef1, t, x_t) * x0 + extract(c.posterior_mean_coef2, t, x_t) * x_t
+    )
     variance = jnp.broadcast_to(extract(c.posterior_variance, t, x_t), x_t.shape)
     log_variance = jnp.broadcast_to(extract(c.posterior_log_variance_clipped, t, x_t), x_t.shape)
     return mean, variance, log_variance
@@ -279,9 +279,7 @@ def predict_eps_from_x0(
     )
 
 
-def predict_v(
-    c: DiffusionCoeffs, x0: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray
-) -> jnp.ndarray:
+def predict_v(c: DiffusionCoeffs, x0: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, App. D)."""
     return (
         extract(c.sqrt_alphas_cumprod, t, x0) * eps
@@ -459,7 +457,9 @@ def p_mean_variance(
             c.posterior_log_variance_clipped, t, x_t
         )
     else:
-        table = c.posterior_log_variance_clipped if var_type == "fixed_small" else c.large_log_variance
+        table = (
+            c.posterior_log_variance_clipped if var_type == "fixed_small" else c.large_log_variance
+        )
         log_variance = jnp.broadcast_to(extract(table, t, x_t), x_t.shape)
     if var_type == "fixed_small":
         variance = jnp.broadcast_to(extract(c.posterior_variance, t, x_t), x_t.shape)

@@ -191,11 +191,14 @@ def vb_terms_bpd(
         clip_denoised=clip_denoised,
     )
     kl = mean_flat(normal_kl(true_mean, true_log_variance, out.mean, out.log_variance)) / LN2
-    decoder_nll = -mean_flat(
-        discretized_gaussian_log_likelihood(
-            x0, means=out.mean, log_scales=0.5 * out.log_variance, cdf=cdf, log_floor=log_floor
+    decoder_nll = (
+        -mean_flat(
+            discretized_gaussian_log_likelihood(
+                x0, means=out.mean, log_scales=0.5 * out.log_variance, cdf=cdf, log_floor=log_floor
+            )
         )
-    ) / LN2
+        / LN2
+    )
     return jnp.where(t == 0, decoder_nll, kl), out.pred_x0
 
 

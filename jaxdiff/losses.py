@@ -37,7 +37,9 @@ __all__ = [
 LOSS_TYPES: tuple[str, ...] = ("mse", "rescaled_mse", "kl", "rescaled_kl")
 
 
-def loss_weight(snr: jnp.ndarray, objective: str, min_snr_gamma: float | None = None) -> jnp.ndarray:
+def loss_weight(
+    snr: jnp.ndarray, objective: str, min_snr_gamma: float | None = None
+) -> jnp.ndarray:
     """Per-timestep weight that makes each objective's MSE an eps-MSE (times min-SNR clipping).
 
     With :math:`\\gamma` = ``min_snr_gamma`` (Hang et al. 2023; off when None) and
@@ -287,18 +289,19 @@ def loss_second_moment_update(
 def loss_second_moment_weights(
     state: LossSecondMomentState, uniform_prob: float = 0.001
 ) -> jnp.ndarray:
-    """Sampling weights over timesteps, [T], summing to 1.
+    """Sampling weights over timesteps, [T] (unnormalised, as improved-diffusion's ``weights``).
 
-    Uniform until every timestep has H recorded losses; then
+    All ones until every timestep has H recorded losses; then the probabilities
     :math:`w_t \\propto \\sqrt{\\mathrm{mean}(h_t^2)}`, mixed with ``uniform_prob`` of the
-    uniform distribution (Nichol & Dhariwal 2021, Eq. 18).
+    uniform distribution (Nichol & Dhariwal 2021, Eq. 18). :func:`sample_timesteps`
+    normalises.
     """
     num_steps, hist_len = state.history.shape
     warmed_up = jnp.all(state.counts == hist_len)
     second_moment = jnp.sqrt(jnp.mean(jnp.square(state.history), axis=-1))
     weights = second_moment / jnp.sum(second_moment)
     weights = weights * (1.0 - uniform_prob) + uniform_prob / num_steps
-    return jnp.where(warmed_up, weights, jnp.full((num_steps,), 1.0 / num_steps))
+    return jnp.where(warmed_up, weights, jnp.ones((num_steps,), weights.dtype))
 
 
 def sample_timesteps(

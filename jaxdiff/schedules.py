@@ -186,9 +186,7 @@ def _ddim_stride_steps(num_timesteps: int, count: int) -> np.ndarray:
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == count:
             return np.arange(0, num_timesteps, stride, dtype=np.int64)
-    valid = sorted(
-        {len(range(0, num_timesteps, stride)) for stride in range(1, num_timesteps)}
-    )
+    valid = sorted({len(range(0, num_timesteps, stride)) for stride in range(1, num_timesteps)})
     below = [n for n in valid if n < count]
     above = [n for n in valid if n > count]
     near = ([below[-1]] if below else []) + ([above[0]] if above else [])

@@ -75,6 +75,7 @@ def assert_grad_close(actual, expected, err_msg=""):
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     assert_close(actual, expected, GRAD_RTOL, GRAD_ATOL + GRAD_RTOL * scale, err_msg)
 
+
 # Where the math is ill-conditioned in float32 (decoder tail probabilities, the PREVIOUS_X
 # inversion by a tiny posterior coefficient), the reference's own float32 result is off from the
 # same reference run in float64 by |ref32 - ref64|. jaxdiff must agree with ref32 to within that

@@ -653,8 +653,18 @@ def openai_process(store, refs, prefix, schedule, steps, respacing, rescale, bat
                 vb = diffusion._vb_terms_bpd(model, x_start=x0, x_t=x_t, t=t, clip_denoised=clip)
                 store.put_all(f"{case}/vb_terms_bpd/{tag}", vb)
         loss_keys = {}
-        openai_float64_run(refs, store, case, params, (schedule, steps, respacing, rescale),
-                           (mean, var), x0, x_t, noise, t)
+        openai_float64_run(
+            refs,
+            store,
+            case,
+            params,
+            (schedule, steps, respacing, rescale),
+            (mean, var),
+            x0,
+            x_t,
+            noise,
+            t,
+        )
         for loss in LOSS_TYPES:
             diffusion = openai_diffusion(
                 refs, schedule, steps, respacing, mean=mean, var=var, loss=loss, rescale=rescale
@@ -715,7 +725,9 @@ def openai_float64_run(refs, store, case, params, process, types, x0, x_t, noise
     params64 = {k: v.astype(np.float64) for k, v in params.items()}
     model = TanhModel(params64, continuous=False)
     x0, x_t, noise = (a.to(torch.float64) for a in (x0, x_t, noise))
-    diffusion = openai_diffusion(refs, schedule, steps, respacing, mean=mean, var=var, rescale=rescale)
+    diffusion = openai_diffusion(
+        refs, schedule, steps, respacing, mean=mean, var=var, rescale=rescale
+    )
     with torch.no_grad():
         for clip in (True, False):
             tag = "clip" if clip else "noclip"
@@ -985,9 +997,7 @@ def lucid_learned_case(store, refs, prefix, schedule, steps, x0, noise, t, x_t):
     # CDF's tails, where the float32 reference saturates and floors.
     model64 = TanhModel({k: v.astype(np.float64) for k, v in params.items()}, continuous=False)
     diffusion.model = model64
-    loss64 = diffusion.p_losses(
-        x0.double(), t, noise=noise.clone().double(), loss_reduction="none"
-    )
+    loss64 = diffusion.p_losses(x0.double(), t, noise=noise.clone().double(), loss_reduction="none")
     loss64.sum().backward()
     store.put(f"{case}/f64/p_losses/loss", loss64.double())
     store.put_all(f"{case}/f64/p_losses", {k: v.double() for k, v in model64.grads().items()})

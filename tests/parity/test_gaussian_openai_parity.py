@@ -11,10 +11,10 @@ import pytest
 
 from jaxdiff import gaussian, likelihood, losses, schedules
 from tests.parity._fixtures import (
-    MODEL_ATOL,
-    MODEL_RTOL,
     GRAD_ATOL,
     GRAD_RTOL,
+    MODEL_ATOL,
+    MODEL_RTOL,
     assert_close,
     assert_close_to_reference,
     load,
@@ -103,14 +103,17 @@ def test_model_case(case):
         pmv = gaussian.p_mean_variance(
             c, out_ref, x_t_ref, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip
         )
-        for name, got in zip(
-            ["mean", "variance", "log_variance"], pmv[:3], strict=True
-        ):
+        for name, got in zip(["mean", "variance", "log_variance"], pmv[:3], strict=True):
             key = f"{case}/p_mean_variance/{tag}/{name}"
             assert_close(nchw(got), ARR[key], MODEL_RTOL, MODEL_ATOL, key)
         key = f"p_mean_variance/{tag}/pred_xstart"
         assert_close_to_reference(
-            nchw(pmv.pred_x0), ARR[f"{case}/{key}"], ARR[f"{case}/f64/{key}"], MODEL_RTOL, MODEL_ATOL, key
+            nchw(pmv.pred_x0),
+            ARR[f"{case}/{key}"],
+            ARR[f"{case}/f64/{key}"],
+            MODEL_RTOL,
+            MODEL_ATOL,
+            key,
         )
         vb, pred = likelihood.vb_terms_bpd(
             c, out_ref, x0, x_t_ref, t, mean_type=mean_type, var_type=var_type, clip_denoised=clip
@@ -158,6 +161,11 @@ def test_model_case(case):
         for name in ("W", "b", "s"):
             key = f"grad_{name}"
             assert_close_to_reference(
-                grads[name], ARR[f"{prefix}/{key}"], ARR[f"{f64}/{key}"], GRAD_RTOL, GRAD_ATOL,
-                f"{prefix}/{key}", grad=True,
+                grads[name],
+                ARR[f"{prefix}/{key}"],
+                ARR[f"{f64}/{key}"],
+                GRAD_RTOL,
+                GRAD_ATOL,
+                f"{prefix}/{key}",
+                grad=True,
             )

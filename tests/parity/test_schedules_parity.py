@@ -71,7 +71,16 @@ def test_openai_tables(case):
         assert_close(getattr(c, name), expected, err_msg=f"{case}/{name}")
 
 
-@pytest.mark.parametrize("case", ["lucid_ct/linear", "lucid_ct/cosine", "simple/cosine", "simple/shifted", "simple/interpolated"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lucid_ct/linear",
+        "lucid_ct/cosine",
+        "simple/cosine",
+        "simple/shifted",
+        "simple/interpolated",
+    ],
+)
 def test_continuous_log_snr(case):
     t = jnp.asarray(ARR[f"{case}/t"])
     fn = {
@@ -131,7 +140,9 @@ def test_single_specs(case):
         with pytest.raises(ValueError):
             schedules.space_timesteps(meta["T"], meta["spec"])
     else:
-        np.testing.assert_array_equal(schedules.space_timesteps(meta["T"], meta["spec"]), RESP[case])
+        np.testing.assert_array_equal(
+            schedules.space_timesteps(meta["T"], meta["spec"]), RESP[case]
+        )
 
 
 SPACED = sorted(k for k in RESP_META if k.startswith("openai/spaced/"))

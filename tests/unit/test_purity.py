@@ -1,4 +1,4 @@
-"""The core modules stay pure: they import only jax, numpy, einops, chex and the standard library."""
+"""The core stays pure: it imports only jax, numpy, einops, chex and the standard library."""
 
 import ast
 import pathlib
@@ -32,7 +32,11 @@ def test_core_module_imports_only_allowed_packages(module):
     inner = {r for r in roots if r == "jaxdiff"}
     if inner:
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxdiff"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("jaxdiff")
+            ):
                 names = [a.name for a in node.names]
                 submods = [node.module.split(".")[1]] if "." in node.module else names
                 assert all(s in CORE for s in submods), (module, submods)
