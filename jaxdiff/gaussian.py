@@ -182,26 +182,32 @@ def make_coeffs(
     if rescale_timesteps:
         times = times * (1000.0 / original_steps)
 
-    table = DiffusionCoeffs(
-        betas=betas,
-        log_betas=np.log(betas),
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        alphas_cumprod_next=alphas_cumprod_next,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=posterior_log_variance_clipped,
-        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        large_variance=large_variance,
-        large_log_variance=np.log(large_variance),
-        snr=alphas_cumprod / (1.0 - alphas_cumprod),
-        model_times=times,
-    )
+    # A last beta of exactly 1 (zero terminal SNR, e.g. the linear schedule at T = 20) is allowed:
+    # the 1/abar entries of that step are then inf, as in the references, and only the v
+    # parameterisation is defined there.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table = DiffusionCoeffs(
+            betas=betas,
+            log_betas=np.log(betas),
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            alphas_cumprod_next=alphas_cumprod_next,
+            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+            log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev)
+            * np.sqrt(alphas)
+            / (1.0 - alphas_cumprod),
+            large_variance=large_variance,
+            large_log_variance=np.log(large_variance),
+            snr=alphas_cumprod / (1.0 - alphas_cumprod),
+            model_times=times,
+        )
     return DiffusionCoeffs(*(jnp.asarray(np.asarray(a, dtype=np.float64), dtype) for a in table))
 
 
