@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import likelihood
+from jaxdiff import likelihood, samplers
 
 __all__ = [
     "OBJECTIVES",
@@ -25,6 +25,7 @@ __all__ = [
     "continuous_loss",
     "continuous_p_mean_variance",
     "continuous_q_sample",
+    "continuous_sample",
 ]
 
 OBJECTIVES: tuple[str, ...] = ("eps", "v")
@@ -152,3 +153,58 @@ def continuous_p_mean_variance(
     else:
         mean = alpha_next * (x * (1 - c) / alpha + c * x0)
     return mean, jnp.square(sigma_next) * c
+
+
+def continuous_sample(
+    model_fn: Callable[..., jnp.ndarray],
+    x_T: jnp.ndarray,
+    *,
+    log_snr_fn: Callable[[jnp.ndarray], jnp.ndarray],
+    num_steps,
+    max_steps: int | None = None,
+    objective: str = "eps",
+    clip_denoised: bool = True,
+    key: jax.Array | None = None,
+    noise: jnp.ndarray | None = None,
+    return_trajectory: bool = False,
+    model_kwargs: dict | None = None,
+) -> samplers.SampleOutput:
+    """Ancestral sampling in continuous time over t = linspace(1, 0, N + 1).
+
+    Each step draws x_s ~ N(mu, sigma^2_{s|t}) from :func:`continuous_p_mean_variance`, with no
+    noise on the step that reaches t = 0; the result is clipped to [-1, 1] (as
+    denoising-diffusion-pytorch's ``p_sample_loop``, which then maps it to [0, 1]; jaxdiff
+    leaves it in [-1, 1]). N may be traced: the grid is padded to ``max_steps`` (default N,
+    which must then be a Python int) and one compiled sampler serves every N up to it.
+
+    Returns:
+      :class:`jaxdiff.samplers.SampleOutput` (with ``return_trajectory``, ``pred_x0`` holds each
+      step's unclipped x0 estimate).
+    """
+    objective = _check_objective(objective)
+    if max_steps is None:
+        max_steps = samplers._static_int(num_steps)
+        if max_steps is None:
+            raise ValueError("a traced num_steps needs a static max_steps")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    samplers._check_steps(num_steps, max_steps, "continuous_sample")
+    n = jnp.asarray(num_steps, jnp.int32)
+    times = samplers.torch_linspace(1.0, 0.0, n + 1, max_steps + 1)
+    grid = samplers.TimeGrid(times[:-1], times[1:], n)
+    draw = samplers.noise_source(key, noise, max_steps, x_T, "continuous_sample")
+    kw = model_kwargs or {}
+
+    def step(x, _x0_prev, time, time_next, z):
+        log_snr, log_snr_next = log_snr_fn(time), log_snr_fn(time_next)
+        out = model_fn(x, jnp.broadcast_to(log_snr, x.shape[:1]), **kw)
+        mean, variance = continuous_p_mean_variance(
+            out, x, log_snr, log_snr_next, objective=objective, clip_denoised=clip_denoised
+        )
+        alpha, sigma = alpha_sigma(log_snr)
+        x0 = alpha * x - sigma * out if objective == "v" else (x - sigma * out) / alpha
+        nonzero = (time_next != 0).astype(x.dtype)
+        return mean + nonzero * jnp.sqrt(variance) * z, x0
+
+    result = samplers.run_steps(step, x_T, grid, draw, return_trajectory)
+    return result._replace(sample=jnp.clip(result.sample, -1.0, 1.0))
