@@ -250,25 +250,45 @@ def ddpm_sample(
     return run_steps(step, x_T, grid, draw, return_trajectory)
 
 
-def _eps_x0(c, out, x, t, time, *, mean_type, var_type, clip_denoised, denoised_fn, cond_fn, kw):
-    mean_out, _ = gaussian.split_model_output(out, x, var_type)
-    eps, x0 = gaussian.model_predictions(
-        c,
-        mean_out,
-        x,
-        t,
-        mean_type=mean_type,
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        rederive_eps=True,
-    )
-    if cond_fn is not None:
-        # Score guidance (Song et al. 2021; guided-diffusion condition_score): eps moves against
-        # the classifier gradient and x0 follows it, without a second clip.
-        eps = eps - gaussian.extract(c.sqrt_one_minus_alphas_cumprod, t, x) * cond_fn(x, time, **kw)
-        x0 = gaussian.predict_x0_from_eps(c, x, t, eps)
-        eps = gaussian.predict_eps_from_x0(c, x, t, x0)
-    return eps, x0
+def _eps_x0_predictor(
+    model_fn,
+    c,
+    *,
+    mean_type,
+    var_type,
+    clip_denoised,
+    denoised_fn,
+    cond_fn,
+    self_condition,
+    model_kwargs,
+):
+    """``(x, t_scalar, x0_prev) -> (eps, x0)``: the network's prediction, x0 processed and eps
+    re-derived from it, then moved by score guidance if ``cond_fn`` is given."""
+
+    def predict(x, t_scalar, x0_prev):
+        t = jnp.full(x.shape[:1], t_scalar, jnp.int32)
+        out, time = _model_output(model_fn, c, x, t, x0_prev, self_condition, model_kwargs)
+        mean_out, _ = gaussian.split_model_output(out, x, var_type)
+        eps, x0 = gaussian.model_predictions(
+            c,
+            mean_out,
+            x,
+            t,
+            mean_type=mean_type,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            rederive_eps=True,
+        )
+        if cond_fn is not None:
+            # Score guidance (Song et al. 2021; guided-diffusion condition_score): eps moves
+            # against the classifier gradient and x0 follows it, without a second clip.
+            grad = cond_fn(x, time, **(model_kwargs or {}))
+            eps = eps - gaussian.extract(c.sqrt_one_minus_alphas_cumprod, t, x) * grad
+            x0 = gaussian.predict_x0_from_eps(c, x, t, eps)
+            eps = gaussian.predict_eps_from_x0(c, x, t, x0)
+        return eps, x0
+
+    return predict
 
 
 def ddim_sample(
@@ -308,24 +328,20 @@ def ddim_sample(
         raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta}")
     grid = ddpm_grid(c.num_timesteps) if grid is None else grid
     draw = noise_source(key, noise, grid.t.shape[0], x_T, "ddim_sample")
-    kw = model_kwargs or {}
+    predict = _eps_x0_predictor(
+        model_fn,
+        c,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        cond_fn=cond_fn,
+        self_condition=self_condition,
+        model_kwargs=model_kwargs,
+    )
 
     def step(x, x0_prev, t_scalar, t_next, z):
-        t = jnp.full(x.shape[:1], t_scalar, jnp.int32)
-        out, time = _model_output(model_fn, c, x, t, x0_prev, self_condition, model_kwargs)
-        eps, x0 = _eps_x0(
-            c,
-            out,
-            x,
-            t,
-            time,
-            mean_type=mean_type,
-            var_type=var_type,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            kw=kw,
-        )
+        eps, x0 = predict(x, t_scalar, x0_prev)
         alpha = c.alphas_cumprod[t_scalar]
         alpha_next = jnp.where(t_next >= 0, c.alphas_cumprod[jnp.maximum(t_next, 0)], 1.0)
         sigma = eta * jnp.sqrt((1 - alpha_next) / (1 - alpha) * (1 - alpha / alpha_next))
@@ -371,24 +387,20 @@ def ddim_reverse_sample(
     t_from = grid.t[jnp.clip(idx, 0, length - 1)]
     t_to = grid.t[jnp.clip(idx - 1, 0, length - 1)]
     reverse = TimeGrid(t_from, t_to, grid.num_steps - 1)
-    kw = model_kwargs or {}
+    predict = _eps_x0_predictor(
+        model_fn,
+        c,
+        mean_type=mean_type,
+        var_type=var_type,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        cond_fn=None,
+        self_condition=False,
+        model_kwargs=model_kwargs,
+    )
 
-    def step(x, _x0_prev, t_scalar, t_next, _z):
-        t = jnp.full(x.shape[:1], t_scalar, jnp.int32)
-        out, time = _model_output(model_fn, c, x, t, None, False, model_kwargs)
-        eps, x0_hat = _eps_x0(
-            c,
-            out,
-            x,
-            t,
-            time,
-            mean_type=mean_type,
-            var_type=var_type,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=None,
-            kw=kw,
-        )
+    def step(x, x0_prev, t_scalar, t_next, _z):
+        eps, x0_hat = predict(x, t_scalar, x0_prev)
         alpha_next = c.alphas_cumprod[t_next]
         return jnp.sqrt(alpha_next) * x0_hat + jnp.sqrt(1 - alpha_next) * eps, x0_hat
 
