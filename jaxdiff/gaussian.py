@@ -180,7 +180,8 @@ def make_coeffs(
     large_variance = np.append(first_variance, betas[1:])
     times = timestep_map.astype(np.float64)
     if rescale_timesteps:
-        times = times * (1000.0 / original_steps)
+        # improved-diffusion multiplies a float32 timestep by 1000 / T in float32.
+        times = timestep_map.astype(np.float32) * np.float32(1000.0 / original_steps)
 
     # A last beta of exactly 1 (zero terminal SNR, e.g. the linear schedule at T = 20) is allowed:
     # the 1/abar entries of that step are then inf, as in the references, and only the v

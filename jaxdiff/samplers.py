@@ -84,16 +84,18 @@ def torch_linspace(start: float, end: float, count: jnp.ndarray, length: int) ->
     return jnp.where(i < count // 2, head, tail)
 
 
-def ddpm_grid(num_timesteps: int, num_steps=None) -> TimeGrid:
+def ddpm_grid(num_timesteps: int, num_steps=None, max_steps: int | None = None) -> TimeGrid:
     """Every step t -> t - 1 for t = num_steps - 1, ..., 0 (all T steps by default).
 
     Fewer steps start part-way, at t = num_steps - 1 (as ``interpolate`` does); for a faster
-    chain, respace the coefficient table instead (``make_coeffs(respacing=...)``).
+    chain, respace the coefficient table instead (``make_coeffs(respacing=...)``). The grid is
+    padded to ``max_steps`` (default T) so that a traced ``num_steps`` is possible.
     """
     num_steps = num_timesteps if num_steps is None else num_steps
-    _check_steps(num_steps, num_timesteps, "ddpm_grid")
+    max_steps = num_timesteps if max_steps is None else max_steps
+    _check_steps(num_steps, min(max_steps, num_timesteps), "ddpm_grid")
     n = jnp.asarray(num_steps, jnp.int32)
-    k = jnp.arange(num_timesteps, dtype=jnp.int32)
+    k = jnp.arange(max_steps, dtype=jnp.int32)
     t = jnp.maximum(n - 1 - k, 0)
     return TimeGrid(t, t - 1, n)
 
@@ -443,5 +445,6 @@ def interpolate(
     x1_t = gaussian.q_sample(c, x1, tb, q_noise[0])
     x2_t = gaussian.q_sample(c, x2, tb, q_noise[1])
     img = (1 - lam) * x1_t + lam * x2_t
-    grid = ddpm_grid(c.num_timesteps, t)
+    static_t = _static_int(t)
+    grid = ddpm_grid(c.num_timesteps, t, max_steps=static_t)
     return ddpm_sample(model_fn, c, img, key=key, noise=noise, grid=grid, **sample_kwargs).sample

@@ -2,14 +2,17 @@
 
 References (see PROVENANCE.md):
   * denoising-diffusion-pytorch 2.3.4 ("lucid"), imported from the installed package;
-  * openai/improved-diffusion at commit 1bc7bbb ("openai"), imported from ``--improved-diffusion``.
+  * openai/improved-diffusion at commit 1bc7bbb ("openai"), imported from ``--improved-diffusion``;
+  * openai/guided-diffusion at commit 22e0df8 ("guided"), imported from ``--guided-diffusion``
+    (only samplers.npz uses it).
 
 Every stored result is what the upstream functions return; this script only builds inputs,
 calls the references and saves their outputs. It never imports jaxdiff.
 
 Regenerate (from the repository root):
 
-    /work/ref/torchenv/bin/python tests/parity/generate_fixtures.py --improved-diffusion /work/ref
+    /work/ref/torchenv/bin/python tests/parity/generate_fixtures.py \\
+        --improved-diffusion /work/ref --guided-diffusion /work/ref/guided
 
 PROVENANCE.md describes each file and lists versions, seeds, the import-only stand-in modules
 and the ``np.int`` patch. Every file's ``__meta__`` entry maps each case id to its parameters.
@@ -18,6 +21,7 @@ and the ``np.int`` patch. Every file's ``__meta__`` entry maps each case id to i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.metadata
@@ -31,6 +35,7 @@ import time
 import types
 import zipfile
 import zlib
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +138,7 @@ def install_stand_ins() -> list[str]:
     return installed
 
 
-def load_references(improved_dir: Path) -> types.SimpleNamespace:
+def load_references(improved_dir: Path, guided_dir: Path | None) -> types.SimpleNamespace:
     stand_ins = install_stand_ins()
 
     lucid = {
@@ -154,12 +159,26 @@ def load_references(improved_dir: Path) -> types.SimpleNamespace:
     loaded_from = Path(gd.__file__).resolve().parent.parent
     if loaded_from != improved_dir.resolve():
         raise RuntimeError(f"improved_diffusion imported from {loaded_from}, not {improved_dir}")
+
+    guided = None
+    if guided_dir is not None:
+        # guided-diffusion's package has its own top-level name, so both import side by side.
+        sys.path.insert(0, str(guided_dir))
+        from guided_diffusion import gaussian_diffusion as guided_gd
+        from guided_diffusion import respace as guided_respace
+
+        loaded_from = Path(guided_gd.__file__).resolve().parent.parent
+        if loaded_from != guided_dir.resolve():
+            raise RuntimeError(f"guided_diffusion imported from {loaded_from}, not {guided_dir}")
+        # the same fields as this namespace, so openai_diffusion() builds guided processes too
+        guided = types.SimpleNamespace(gd=guided_gd, respace=guided_respace)
     return types.SimpleNamespace(
         **lucid,
         gd=gd,
         respace=respace,
         losses=losses,
         resample=resample,
+        guided=guided,
         stand_ins=stand_ins,
         lucid_version=importlib.metadata.version("denoising-diffusion-pytorch"),
     )
@@ -244,13 +263,19 @@ def standard_inputs(seed: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x0), torch.from_numpy(noise)
 
 
-def tanh_params(seed: int, out_channels: int, s_std: float) -> dict[str, np.ndarray]:
+def tanh_params(
+    seed: int, out_channels: int, s_std: float, *, self_cond: bool = False
+) -> dict[str, np.ndarray]:
+    """W, b, s drawn in that order; with ``self_cond`` also V ~ N(0, 0.5²), drawn after s."""
     rng = np.random.default_rng(seed)
-    return {
+    params = {
         "W": rng.normal(0.0, 0.5, size=(out_channels, CHANNELS)).astype(np.float32),
         "b": rng.normal(0.0, 0.1, size=(out_channels,)).astype(np.float32),
         "s": rng.normal(0.0, s_std, size=(out_channels,)).astype(np.float32),
     }
+    if self_cond:
+        params["V"] = rng.normal(0.0, 0.5, size=(out_channels, CHANNELS)).astype(np.float32)
+    return params
 
 
 class TanhModel(torch.nn.Module):
@@ -284,6 +309,26 @@ class TanhModel(torch.nn.Module):
             "grad_b": self.b.grad.detach().clone(),
             "grad_s": self.s.grad.detach().clone(),
         }
+
+
+class SelfCondTanhModel(TanhModel):
+    """out = tanh(W x + V x_self_cond + b + s tin), with x_self_cond = zeros when None."""
+
+    def __init__(self, params: dict[str, np.ndarray]):
+        super().__init__(params, continuous=False)
+        self.V = torch.nn.Parameter(torch.from_numpy(params["V"].copy()))
+        self.self_condition = True
+
+    def forward(self, x, t, x_self_cond=None):
+        if x_self_cond is None:
+            x_self_cond = torch.zeros_like(x)
+        tin = t.to(torch.float32)
+        self.last_time_input = tin.detach().clone()
+        h = torch.einsum("oc,nchw->nohw", self.W, x)
+        h = h + torch.einsum("oc,nchw->nohw", self.V, x_self_cond)
+        return torch.tanh(
+            h + self.b[:, None, None] + self.s[None, :, None, None] * tin[:, None, None, None]
+        )
 
 
 class ConstantModel(torch.nn.Module):
@@ -1410,6 +1455,782 @@ def gen_resample_openai(refs) -> Store:
 
 
 # ----------------------------------------------------------------------------------------------
+# 9. samplers.npz
+
+SAMPLER_SHAPE = (2, CHANNELS, SIZE, SIZE)
+LUCID_DDPM_PROCESSES = (("cosine", 24), ("linear", 50))
+LUCID_DDIM_STEPS = (10, 26, 60)
+LUCID_DDIM_ETAS = (0.0, 1.0)
+LUCID_DDIM_OBJECTIVES = ("pred_noise", "pred_v")
+OPENAI_DDIM_PROCESSES = (("linear", "ddim10"), ("cosine", "25"))
+OPENAI_DDIM_ETAS = (0.0, 0.5)
+OPENAI_DDIM_PAIRS = (
+    ("EPSILON", "FIXED_SMALL"),
+    ("EPSILON", "LEARNED_RANGE"),
+    ("START_X", "FIXED_LARGE"),
+)
+OPENAI_REVERSE_CASES = (
+    ("linear", "ddim10", "EPSILON", "FIXED_SMALL"),
+    ("cosine", "25", "START_X", "FIXED_LARGE"),
+)
+GUIDED_PAIRS = (("EPSILON", "LEARNED_RANGE"), ("START_X", "FIXED_SMALL"))
+GUIDED_SCALE = 0.7
+GUIDED_DDIM_ETA = 0.5
+CONTINUOUS_STEPS = 10
+
+STEP_LAYOUT = {
+    "x_T": "[B, C, H, W] the starting image the reference drew (torch.randn / th.randn)",
+    "step_noise": "[S, B, C, H, W] the randn_like draw of each loop iteration in loop order; "
+    "zeros where the reference drew nothing (see steps_without_draw)",
+}
+
+
+class DrawRecorder(RandnLikeRecorder):
+    """The recording proxy for the sampler loops: records ``randn`` as well as ``randn_like``,
+    and tags each draw with the loop iteration that was running (-1 before the first)."""
+
+    def __init__(self, real):
+        super().__init__(real)
+        self.step = -1
+        self.tags: list[tuple[str, int]] = []
+
+    def randn(self, *args, **kwargs):
+        out = self._real.randn(*args, **kwargs)
+        self.draws.append(out.detach().clone())
+        self.tags.append(("randn", self.step))
+        return out
+
+    def randn_like(self, *args, **kwargs):
+        out = super().randn_like(*args, **kwargs)
+        self.tags.append(("randn_like", self.step))
+        return out
+
+    def by_step(self, num_steps: int, shape=SAMPLER_SHAPE):
+        """(draws before the loop as (function, tensor) pairs, step_noise, steps without a draw)"""
+        before = []
+        step_noise = torch.zeros((num_steps, *shape), dtype=torch.float32)
+        drawn = [False] * num_steps
+        for draw, (function, step) in zip(self.draws, self.tags, strict=True):
+            if step < 0:
+                before.append((function, draw))
+                continue
+            assert function == "randn_like" and not drawn[step], (function, step)
+            step_noise[step] = draw
+            drawn[step] = True
+        return before, step_noise, [i for i, d in enumerate(drawn) if not d]
+
+
+def _copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_copy(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_copy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+class StepWrapper:
+    """Replaces one per-iteration method on a reference instance: numbers its calls, points the
+    recorder's draws at the running call, and keeps copies of the arguments and results."""
+
+    def __init__(self, obj, name: str, recorder: DrawRecorder):
+        self.obj, self.name, self.recorder = obj, name, recorder
+        self.original = getattr(obj, name)
+        self.args: list[tuple] = []
+        self.results: list = []
+
+    def __call__(self, *args, **kwargs):
+        self.recorder.step = len(self.args)
+        self.args.append(_copy((args, kwargs)))
+        out = self.original(*args, **kwargs)
+        self.results.append(_copy(out))
+        return out
+
+    def __enter__(self):
+        setattr(self.obj, self.name, self)
+        return self
+
+    def __exit__(self, *exc):
+        delattr(self.obj, self.name)  # the class's method is visible again
+
+
+def _passthrough_tqdm(iterable=None, *args, **kwargs):
+    return iterable
+
+
+@contextlib.contextmanager
+def patched(targets):
+    """Temporarily set ``module.name = value`` for each (module, name, value)."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in targets]
+    for module, name, value in targets:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def lucid_recording(refs):
+    """The ``torch`` name of the three lucid modules replaced by a DrawRecorder, and their
+    ``tqdm`` (an import-only stand-in that raises) by a pass-through, for one sampler call."""
+    recorder = DrawRecorder(torch)
+    modules = [refs.ddp, refs.ctd, refs.vpd]
+    targets = [(m, "torch", recorder) for m in modules]
+    targets += [(m, "tqdm", _passthrough_tqdm) for m in modules]
+    with patched(targets):
+        yield recorder
+
+
+@contextlib.contextmanager
+def openai_recording(gd):
+    """The ``th`` name of an openai gaussian_diffusion module replaced by a DrawRecorder."""
+    recorder = DrawRecorder(gd.th)
+    with patched([(gd, "th", recorder)]):
+        yield recorder
+
+
+def ddim_time_pairs(steps: int, sampling_steps: int) -> list[tuple[int, int]]:
+    """The time pairs of lucid ``ddim_sample``: its torch expression, evaluated here."""
+    times = torch.linspace(-1, steps - 1, steps=sampling_steps + 1)
+    times = list(reversed(times.int().tolist()))
+    return list(zip(times[:-1], times[1:], strict=False))
+
+
+def exact_time_pairs(steps: int, sampling_steps: int) -> list[tuple[int, int]]:
+    """times_i = trunc(-1 + i*T/S) in exact rational arithmetic, reversed and paired."""
+    times = [
+        math.trunc(Fraction(-1) + Fraction(i * steps, sampling_steps))
+        for i in range(sampling_steps + 1)
+    ]
+    times.reverse()
+    return list(zip(times[:-1], times[1:], strict=False))
+
+
+def sampler_model(case: str, out_channels: int, s_std: float, *, self_cond=False, continuous=False):
+    param_seed = seed_for(f"samplers:{case}:params")
+    params = tanh_params(param_seed, out_channels, s_std, self_cond=self_cond)
+    if self_cond:
+        return params, SelfCondTanhModel(params), param_seed
+    return params, TanhModel(params, continuous=continuous), param_seed
+
+
+def put_recorded(store, case, recorder, num_steps, steps, x_first):
+    """Store x_T (the single randn before the loop, checked against the first image), the per-
+    step noise and steps; return the loop iterations without a draw."""
+    before, step_noise, no_draw = recorder.by_step(num_steps)
+    assert [f for f, _ in before] == ["randn"], [f for f, _ in before]
+    x_T = before[0][1]
+    assert torch.equal(x_T, x_first)
+    store.put(f"{case}/x_T", x_T)
+    store.put(f"{case}/step_noise", step_noise)
+    store.put(f"{case}/steps", steps)
+    return no_draw
+
+
+def lucid_ddpm_case(store, refs, case, schedule, steps, objective, self_cond):
+    params, model, param_seed = sampler_model(case, CHANNELS, S_STD_DISCRETE, self_cond=self_cond)
+    diffusion = refs.ddp.GaussianDiffusion(
+        model,
+        image_size=SIZE,
+        timesteps=steps,
+        sampling_timesteps=None,
+        objective=objective,
+        beta_schedule=schedule,
+        auto_normalize=False,
+    )
+    torch_seed = seed_for(f"samplers:{case}:torch")
+    with lucid_recording(refs) as recorder, StepWrapper(diffusion, "p_sample", recorder) as calls:
+        torch.manual_seed(torch_seed)
+        imgs = diffusion.p_sample_loop(SAMPLER_SHAPE, return_all_timesteps=True)
+    imgs = imgs.transpose(0, 1)  # the reference stacks on dim 1: [B, S+1, ...]
+    t_list = [int(args[1]) for args, _ in calls.args]
+    assert t_list == list(range(steps))[::-1]
+    for i, (img, _) in enumerate(calls.results):
+        assert torch.equal(img, imgs[i + 1])
+    if self_cond:  # the self-conditioning input is the previous step's x_start
+        assert calls.args[0][0][2] is None
+        for i in range(1, steps):
+            assert torch.equal(calls.args[i][0][2], calls.results[i - 1][1])
+    no_draw = put_recorded(store, case, recorder, steps, np.asarray(t_list, np.int64), imgs[0])
+    store.put_all(case, params)
+    store.put(f"{case}/imgs", imgs)
+    store.put(f"{case}/x_start", torch.stack([x_start for _, x_start in calls.results]))
+    store.case(
+        case,
+        kind="lucid_ddpm",
+        reference="lucid",
+        call="GaussianDiffusion.p_sample_loop(shape, return_all_timesteps=True)",
+        schedule=schedule,
+        T=steps,
+        num_steps=steps,
+        objective=objective,
+        sampling_timesteps=None,
+        auto_normalize=False,
+        clip_denoised=True,
+        shape=list(SAMPLER_SHAPE),
+        model="selfcond_tanh" if self_cond else "tanh",
+        self_condition=self_cond,
+        model_time_input="the integer t",
+        s_std=S_STD_DISCRETE,
+        param_seed=param_seed,
+        torch_seed=torch_seed,
+        steps_without_draw=no_draw,
+        layout={
+            **STEP_LAYOUT,
+            "steps": "[S] int64, t of each p_sample call (T-1 .. 0)",
+            "imgs": "[S+1, B, C, H, W] x_T then the image after each step (the reference "
+            "returns [B, S+1, ...]; stored transposed)",
+            "x_start": "[S, B, C, H, W] the (clipped) x_start returned by each p_sample",
+        },
+    )
+
+
+def lucid_ddim_case(store, refs, case, sampling_steps, eta, objective, self_cond):
+    steps = 1000
+    params, model, param_seed = sampler_model(case, CHANNELS, S_STD_DISCRETE, self_cond=self_cond)
+    diffusion = refs.ddp.GaussianDiffusion(
+        model,
+        image_size=SIZE,
+        timesteps=steps,
+        sampling_timesteps=sampling_steps,
+        ddim_sampling_eta=eta,
+        objective=objective,
+        beta_schedule="cosine",
+        auto_normalize=False,
+    )
+    torch_seed = seed_for(f"samplers:{case}:torch")
+    with (
+        lucid_recording(refs) as recorder,
+        StepWrapper(diffusion, "model_predictions", recorder) as calls,
+    ):
+        torch.manual_seed(torch_seed)
+        imgs = diffusion.ddim_sample(SAMPLER_SHAPE, return_all_timesteps=True)
+    imgs = imgs.transpose(0, 1)
+    pairs = ddim_time_pairs(steps, sampling_steps)
+    fed = [int(args[1][0]) for args, _ in calls.args]
+    # the model is fed each pair's first time; noise is drawn exactly where time_next >= 0
+    assert fed == [time for time, _ in pairs], (fed, pairs)
+    steps_array = np.asarray(pairs, np.int64)
+    no_draw = put_recorded(store, case, recorder, sampling_steps, steps_array, imgs[0])
+    assert no_draw == [i for i, (_, time_next) in enumerate(pairs) if time_next < 0]
+    if self_cond:  # the self-conditioning input is the previous step's x_start
+        assert calls.args[0][0][2] is None
+        for i in range(1, sampling_steps):
+            assert torch.equal(calls.args[i][0][2], calls.results[i - 1].pred_x_start)
+    store.put_all(case, params)
+    store.put(f"{case}/imgs", imgs)
+    store.put(f"{case}/time_pairs", steps_array)
+    store.case(
+        case,
+        kind="lucid_ddim",
+        reference="lucid",
+        call="GaussianDiffusion.ddim_sample(shape, return_all_timesteps=True)",
+        schedule="cosine",
+        T=steps,
+        sampling_timesteps=sampling_steps,
+        num_steps=sampling_steps,
+        ddim_sampling_eta=eta,
+        objective=objective,
+        auto_normalize=False,
+        shape=list(SAMPLER_SHAPE),
+        model="selfcond_tanh" if self_cond else "tanh",
+        self_condition=self_cond,
+        model_time_input="the integer time of each pair",
+        s_std=S_STD_DISCRETE,
+        param_seed=param_seed,
+        torch_seed=torch_seed,
+        steps_without_draw=no_draw,
+        layout={
+            **STEP_LAYOUT,
+            "steps": "[S, 2] int64 (time, time_next) of each iteration; the same as time_pairs",
+            "time_pairs": "[S, 2] int64, ddim_sample's pairs (torch expression, see PROVENANCE; "
+            "checked against the times the model was fed)",
+            "imgs": "[S+1, B, C, H, W] x_T then the image after each step (transposed from "
+            "the reference's [B, S+1, ...]); the last step sets img = x_start",
+        },
+    )
+
+
+def lucid_ddim_time_pairs_case(store, steps):
+    case = f"lucid/ddim_time_pairs/T{steps}"
+    ns = list(range(1, steps + 1))
+    values, offsets, differs, examples = [], [0], [], []
+    for n in ns:
+        pairs = ddim_time_pairs(steps, n)
+        exact = exact_time_pairs(steps, n)
+        if pairs != exact:
+            differs.append(n)
+            if len(examples) < 5:
+                index = next(i for i, (a, b) in enumerate(zip(pairs, exact, strict=True)) if a != b)
+                examples.append(
+                    {"S": n, "pair_index": index, "torch": pairs[index], "exact": exact[index]}
+                )
+        values.extend(pairs)
+        offsets.append(len(values))
+    store.put(f"{case}/values", np.asarray(values, np.int64))
+    store.put(f"{case}/offsets", np.asarray(offsets, np.int64))
+    store.put(f"{case}/ns", np.asarray(ns, np.int64))
+    store.put(f"{case}/exact_differs", np.asarray(differs, np.int64))
+    store.case(
+        case,
+        kind="lucid_ddim_time_pairs",
+        reference="lucid",
+        T=steps,
+        expression="times = torch.linspace(-1, T - 1, steps=S + 1); "
+        "times = list(reversed(times.int().tolist())); pairs = zip(times[:-1], times[1:]) "
+        "(ddim_sample's expression, evaluated by this script with torch; float32 default)",
+        layout="pairs for S = ns[i] are values[offsets[i]:offsets[i+1]] ([S, 2] int64, loop "
+        "order); exact_differs lists the S whose pairs differ from trunc(-1 + i*T/S) in exact "
+        "rational arithmetic",
+        exact_differs_count=len(differs),
+        exact_differs_examples=examples,
+    )
+    return differs
+
+
+def openai_sampler_meta(diffusion, schedule, steps, respacing, mean, var):
+    return {
+        "schedule": schedule,
+        "T": steps,
+        "respacing": respacing,
+        "num_steps": diffusion.num_timesteps,
+        "mean_type": mean,
+        "var_type": var,
+        "rescale_timesteps": True,
+        "shape": list(SAMPLER_SHAPE),
+        "s_std": S_STD_DISCRETE,
+    }
+
+
+def openai_loop_case(
+    store,
+    ns,
+    case,
+    process,
+    types_,
+    *,
+    loop,
+    clip=True,
+    eta=None,
+    cond_fn=None,
+    reference="openai",
+):
+    """One *_sample_loop_progressive run (``loop`` is "p_sample" or "ddim_sample") of the
+    openai package ``ns`` (this script's refs for improved-diffusion, refs.guided for guided)."""
+    schedule, steps, respacing = process
+    mean, var = types_
+    out_channels = 2 * CHANNELS if var in LEARNED_VAR_TYPES else CHANNELS
+    params, model, param_seed = sampler_model(case, out_channels, S_STD_DISCRETE)
+    diffusion = openai_diffusion(ns, schedule, steps, respacing, mean=mean, var=var, rescale=True)
+    kwargs = {"clip_denoised": clip, "progress": False}
+    if eta is not None:
+        kwargs["eta"] = eta
+    if cond_fn is not None:
+        kwargs["cond_fn"] = cond_fn
+        kwargs["model_kwargs"] = {}  # model_kwargs=None raises inside condition_* (PROVENANCE)
+    progressive = getattr(diffusion, f"{loop}_loop_progressive")
+    torch_seed = seed_for(f"samplers:{case}:torch")
+    samples, pred_xstart = [], []
+    with openai_recording(ns.gd) as recorder, StepWrapper(diffusion, loop, recorder) as calls:
+        torch.manual_seed(torch_seed)
+        for out in progressive(model, SAMPLER_SHAPE, **kwargs):
+            samples.append(out["sample"].detach().clone())
+            pred_xstart.append(out["pred_xstart"].detach().clone())
+    num_steps = diffusion.num_timesteps
+    t_list = []
+    for args, _ in calls.args:
+        t = args[2]
+        assert torch.equal(t, torch.full_like(t, int(t[0])))
+        t_list.append(int(t[0]))
+    assert t_list == list(range(num_steps))[::-1]
+    no_draw = put_recorded(
+        store, case, recorder, num_steps, np.asarray(t_list, np.int64), calls.args[0][0][1]
+    )
+    assert not no_draw  # openai draws noise at every step, t = 0 included
+    store.put_all(case, params)
+    store.put(f"{case}/sample", torch.stack(samples))
+    store.put(f"{case}/pred_xstart", torch.stack(pred_xstart))
+    timestep_map = getattr(diffusion, "timestep_map", None)
+    if timestep_map is not None:
+        store.put(f"{case}/timestep_map", np.asarray(timestep_map, np.int64))
+    meta = openai_sampler_meta(diffusion, schedule, steps, respacing, mean, var)
+    meta.update(
+        reference=reference,
+        call=f"{type(diffusion).__name__}.{loop}_loop_progressive",
+        clip_denoised=clip,
+        eta=eta,
+        out_channels=out_channels,
+        param_seed=param_seed,
+        torch_seed=torch_seed,
+        steps_without_draw=no_draw,
+        model_time_input="_scale_timesteps(t) = t * 1000 / T"
+        if respacing is None
+        else "timestep_map[t] * 1000 / T (the respacing wrapper)",
+        layout={
+            **STEP_LAYOUT,
+            "step_noise": "[S, B, C, H, W] the th.randn_like draw of each step in loop order "
+            "(drawn at t = 0 too, where the reference masks it)",
+            "steps": "[S] int64, the (respaced) index t of each step, S-1 .. 0",
+            "sample": "[S, B, C, H, W] out['sample'] of each yielded dict",
+            "pred_xstart": "[S, B, C, H, W] out['pred_xstart'] of each yielded dict",
+        },
+    )
+    if timestep_map is not None:
+        meta["layout"]["timestep_map"] = "[S] int64, SpacedDiffusion.timestep_map"
+    return meta, diffusion
+
+
+def openai_reverse_case(store, refs, case, schedule, respacing, mean, var):
+    steps = 1000
+    out_channels = 2 * CHANNELS if var in LEARNED_VAR_TYPES else CHANNELS
+    params, model, param_seed = sampler_model(case, out_channels, S_STD_DISCRETE)
+    diffusion = openai_diffusion(refs, schedule, steps, respacing, mean=mean, var=var, rescale=True)
+    num_steps = diffusion.num_timesteps
+    t_list = [0, 1, num_steps // 2, num_steps - 2]
+    input_seed = seed_for(f"samplers:{case}:inputs")
+    rng = np.random.default_rng(input_seed)
+    x = torch.from_numpy(rng.standard_normal(SAMPLER_SHAPE).astype(np.float32))
+    samples, pred_xstart = [], []
+    with openai_recording(refs.gd) as recorder, torch.no_grad():
+        for t in t_list:
+            out = diffusion.ddim_reverse_sample(
+                model,
+                x,
+                torch.full((SAMPLER_SHAPE[0],), t, dtype=torch.int64),
+                clip_denoised=True,
+                eta=0.0,
+            )
+            samples.append(out["sample"].detach().clone())
+            pred_xstart.append(out["pred_xstart"].detach().clone())
+    assert not recorder.draws
+    store.put_all(case, params)
+    store.put(f"{case}/x", x)
+    store.put(f"{case}/t", np.asarray(t_list, np.int64))
+    store.put(f"{case}/sample", torch.stack(samples))
+    store.put(f"{case}/pred_xstart", torch.stack(pred_xstart))
+    store.put(f"{case}/timestep_map", np.asarray(diffusion.timestep_map, np.int64))
+    meta = openai_sampler_meta(diffusion, schedule, steps, respacing, mean, var)
+    store.case(
+        case,
+        kind="openai_ddim_reverse",
+        reference="openai",
+        call="SpacedDiffusion.ddim_reverse_sample(model, x, t, clip_denoised=True, eta=0.0)",
+        **meta,
+        clip_denoised=True,
+        eta=0.0,
+        t=t_list,
+        out_channels=out_channels,
+        param_seed=param_seed,
+        input_seed=input_seed,
+        model_time_input="timestep_map[t] * 1000 / T (the respacing wrapper)",
+        layout={
+            "x": "[B, C, H, W] N(0, 1) float32, the input of every call",
+            "t": "[4] int64 respaced indices; call k uses t[k] for the whole batch",
+            "sample": "[4, B, C, H, W] out['sample'] of call k",
+            "pred_xstart": "[4, B, C, H, W] out['pred_xstart'] of call k",
+            "timestep_map": "[S] int64",
+        },
+    )
+
+
+def guided_cond_fn(target: torch.Tensor, scale: float, seen: list):
+    """An analytic 'gradient of log p(y|x)' that also depends on its time input."""
+
+    def cond_fn(x, t, **kwargs):
+        seen.append(t.detach().clone())
+        return -scale * (x - target) * (1 + 0.001 * t)[:, None, None, None]
+
+    return cond_fn
+
+
+def model_kwargs_none_error(refs, loop: str) -> str:
+    """What guided-diffusion does with a cond_fn and the default model_kwargs=None."""
+    ns = refs.guided
+    diffusion = openai_diffusion(ns, "cosine", 24, mean="EPSILON", var="FIXED_SMALL", rescale=True)
+    model = TanhModel(zero_params(CHANNELS), continuous=False)
+    cond_fn = guided_cond_fn(torch.zeros(SAMPLER_SHAPE), GUIDED_SCALE, [])
+    torch.manual_seed(0)
+    try:
+        next(
+            iter(
+                getattr(diffusion, f"{loop}_loop_progressive")(
+                    model, SAMPLER_SHAPE, cond_fn=cond_fn
+                )
+            )
+        )
+    except REFERENCE_ERRORS as error:
+        return error_text(error)
+    return "ok"
+
+
+def gen_samplers(refs) -> Store:
+    store = Store("samplers")
+
+    # 1-2. lucid DDPM ancestral sampling
+    for schedule, steps in LUCID_DDPM_PROCESSES:
+        for objective in LUCID_OBJECTIVES:
+            case = f"lucid/ddpm/{schedule}/T{steps}/{objective}"
+            lucid_ddpm_case(store, refs, case, schedule, steps, objective, False)
+    case = "lucid/ddpm_selfcond/cosine/T24/pred_noise"
+    lucid_ddpm_case(store, refs, case, "cosine", 24, "pred_noise", True)
+
+    # 3. lucid DDIM
+    for sampling_steps in LUCID_DDIM_STEPS:
+        for eta in LUCID_DDIM_ETAS:
+            for objective in LUCID_DDIM_OBJECTIVES:
+                case = f"lucid/ddim/T1000/S{sampling_steps}/eta{eta}/{objective}"
+                lucid_ddim_case(store, refs, case, sampling_steps, eta, objective, False)
+    case = "lucid/ddim_selfcond/T1000/S10/eta0.0/pred_noise"
+    lucid_ddim_case(store, refs, case, 10, 0.0, "pred_noise", True)
+
+    # 4. lucid DDIM time pairs for every S
+    for steps in (1000, 37):
+        lucid_ddim_time_pairs_case(store, steps)
+
+    # 5. openai DDPM
+    ddpm_cases = [("cosine", 24, m, v, True) for m in MEAN_TYPES for v in VAR_TYPES]
+    ddpm_cases.append(("linear", 50, "EPSILON", "LEARNED_RANGE", False))
+    for schedule, steps, mean, var, clip in ddpm_cases:
+        case = f"openai/ddpm/{schedule}/T{steps}/{mean.lower()}/{var.lower()}"
+        case += "" if clip else "/noclip"
+        meta, _ = openai_loop_case(
+            store,
+            refs,
+            case,
+            (schedule, steps, None),
+            (mean, var),
+            loop="p_sample",
+            clip=clip,
+        )
+        store.case(case, kind="openai_ddpm", **meta)
+
+    # 6. openai DDIM on respaced processes
+    for schedule, respacing in OPENAI_DDIM_PROCESSES:
+        for eta in OPENAI_DDIM_ETAS:
+            for mean, var in OPENAI_DDIM_PAIRS:
+                case = f"openai/ddim/{schedule}/T1000/{respacing}/eta{eta}"
+                case += f"/{mean.lower()}/{var.lower()}"
+                meta, _ = openai_loop_case(
+                    store,
+                    refs,
+                    case,
+                    (schedule, 1000, respacing),
+                    (mean, var),
+                    loop="ddim_sample",
+                    eta=eta,
+                )
+                store.case(case, kind="openai_ddim", **meta)
+
+    # 7. openai DDIM reverse steps
+    for schedule, respacing, mean, var in OPENAI_REVERSE_CASES:
+        case = f"openai/ddim_reverse/{schedule}/T1000/{respacing}/{mean.lower()}/{var.lower()}"
+        openai_reverse_case(store, refs, case, schedule, respacing, mean, var)
+
+    # 8. guided-diffusion classifier guidance
+    target_seed = seed_for("samplers:guided:target")
+    target = torch.from_numpy(pixel_grid_x0(np.random.default_rng(target_seed), SAMPLER_SHAPE))
+    none_errors = {
+        "p_sample": model_kwargs_none_error(refs, "p_sample"),
+        "ddim_sample": model_kwargs_none_error(refs, "ddim_sample"),
+    }
+    for tag, loop, eta, strategy in (
+        ("cond_mean", "p_sample", None, "condition_mean"),
+        ("cond_score", "ddim_sample", GUIDED_DDIM_ETA, "condition_score"),
+    ):
+        for mean, var in GUIDED_PAIRS:
+            case = f"guided/{tag}/cosine/T24/{mean.lower()}/{var.lower()}"
+            seen: list[torch.Tensor] = []
+            cond_fn = guided_cond_fn(target, GUIDED_SCALE, seen)
+            meta, diffusion = openai_loop_case(
+                store,
+                refs.guided,
+                case,
+                ("cosine", 24, None),
+                (mean, var),
+                loop=loop,
+                eta=eta,
+                cond_fn=cond_fn,
+                reference="guided",
+            )
+            cond_t = torch.stack(seen)
+            assert len(seen) == diffusion.num_timesteps
+            expected_t = torch.stack(
+                [
+                    diffusion._scale_timesteps(torch.full((SAMPLER_SHAPE[0],), t))
+                    for t in reversed(range(diffusion.num_timesteps))
+                ]
+            )
+            assert torch.equal(cond_t, expected_t)
+            store.put(f"{case}/target", target)
+            store.put(f"{case}/scale", np.float32(GUIDED_SCALE))
+            store.put(f"{case}/cond_t", cond_t)
+            meta["layout"].update(
+                target="[B, C, H, W] the cond_fn target (pixel-grid image)",
+                scale="float32 scalar, the cond_fn scale",
+                cond_t="[S, B] float32, the time input cond_fn received at each step "
+                "(_scale_timesteps(t))",
+            )
+            store.case(
+                case,
+                kind=f"guided_{tag}",
+                **meta,
+                guidance=strategy,
+                cond_fn="-scale * (x - target) * (1 + 0.001 * t)[:, None, None, None], "
+                "t = the time input cond_fn receives",
+                scale=GUIDED_SCALE,
+                target_seed=target_seed,
+                model_kwargs="{} (passed explicitly)",
+                model_kwargs_none=none_errors[loop],
+            )
+
+    # 9. lucid continuous time
+    continuous_cases = [
+        ("ct", "linear", True),
+        ("ct", "cosine", True),
+        ("vparam", "cosine", True),
+        ("ct", "cosine", False),
+    ]
+    for kind, schedule, clip in continuous_cases:
+        case = f"lucid/continuous/{kind}/{schedule}/N{CONTINUOUS_STEPS}"
+        case += "" if clip else "/noclip"
+        lucid_continuous_case(store, refs, case, kind, schedule, clip)
+
+    # 10. lucid interpolate
+    lucid_interpolate_case(store, refs, "lucid/interpolate/cosine/T24/pred_noise")
+    return store
+
+
+def lucid_continuous_case(store, refs, case, kind, schedule, clip):
+    params, model, param_seed = sampler_model(case, CHANNELS, S_STD_CONTINUOUS, continuous=True)
+    if kind == "vparam":
+        cls = "VParamContinuousTimeGaussianDiffusion"
+        diffusion = refs.vpd.VParamContinuousTimeGaussianDiffusion(
+            model,
+            image_size=SIZE,
+            channels=CHANNELS,
+            num_sample_steps=CONTINUOUS_STEPS,
+            clip_sample_denoised=clip,
+        )
+    else:
+        cls = "ContinuousTimeGaussianDiffusion"
+        diffusion = refs.ctd.ContinuousTimeGaussianDiffusion(
+            model,
+            image_size=SIZE,
+            channels=CHANNELS,
+            noise_schedule=schedule,
+            num_sample_steps=CONTINUOUS_STEPS,
+            clip_sample_denoised=clip,
+        )
+    torch_seed = seed_for(f"samplers:{case}:torch")
+    with lucid_recording(refs) as recorder, StepWrapper(diffusion, "p_sample", recorder) as calls:
+        torch.manual_seed(torch_seed)
+        out = diffusion.p_sample_loop(SAMPLER_SHAPE)
+    pairs = [[args[1], args[2]] for args, _ in calls.args]
+    steps = torch.stack([torch.stack(pair) for pair in pairs]).to(torch.float32)
+    imgs = torch.stack([calls.args[0][0][0], *calls.results])
+    no_draw = put_recorded(store, case, recorder, CONTINUOUS_STEPS, steps, imgs[0])
+    assert no_draw == [i for i, (_, time_next) in enumerate(pairs) if time_next == 0]
+    store.put_all(case, params)
+    store.put(f"{case}/imgs", imgs)
+    store.put(f"{case}/out", out)
+    store.case(
+        case,
+        kind="lucid_continuous",
+        reference="lucid",
+        cls=cls,
+        call=f"{cls}.p_sample_loop(shape)",
+        noise_schedule=schedule,
+        num_sample_steps=CONTINUOUS_STEPS,
+        num_steps=CONTINUOUS_STEPS,
+        clip_sample_denoised=clip,
+        shape=list(SAMPLER_SHAPE),
+        model="tanh",
+        model_time_input="log_snr(time) (float32), repeated over the batch",
+        s_std=S_STD_CONTINUOUS,
+        param_seed=param_seed,
+        torch_seed=torch_seed,
+        steps_without_draw=no_draw,
+        layout={
+            **STEP_LAYOUT,
+            "steps": "[N, 2] float32 (time, time_next) of each p_sample call, from "
+            "torch.linspace(1, 0, N + 1)",
+            "imgs": "[N+1, B, C, H, W] x_T then each p_sample result; the last one before "
+            "the final clamp and unnormalisation",
+            "out": "[B, C, H, W] what p_sample_loop returned: (clamp(img, -1, 1) + 1) / 2",
+        },
+    )
+
+
+def lucid_interpolate_case(store, refs, case):
+    steps, t, lam = 24, 10, 0.3
+    params, model, param_seed = sampler_model(case, CHANNELS, S_STD_DISCRETE)
+    diffusion = refs.ddp.GaussianDiffusion(
+        model,
+        image_size=SIZE,
+        timesteps=steps,
+        sampling_timesteps=None,
+        objective="pred_noise",
+        beta_schedule="cosine",
+        auto_normalize=False,
+    )
+    input_seed = seed_for(f"samplers:{case}:inputs")
+    rng = np.random.default_rng(input_seed)
+    x1 = torch.from_numpy(pixel_grid_x0(rng, SAMPLER_SHAPE))
+    x2 = torch.from_numpy(pixel_grid_x0(rng, SAMPLER_SHAPE))
+    torch_seed = seed_for(f"samplers:{case}:torch")
+    with lucid_recording(refs) as recorder, StepWrapper(diffusion, "p_sample", recorder) as calls:
+        torch.manual_seed(torch_seed)
+        out = diffusion.interpolate(x1, x2, t=t, lam=lam)
+    before, step_noise, no_draw = recorder.by_step(t)
+    assert [f for f, _ in before] == ["randn_like", "randn_like"]
+    q_noise = torch.stack([draw for _, draw in before])
+    t_list = [int(args[1]) for args, _ in calls.args]
+    assert t_list == list(range(t))[::-1]
+    assert no_draw == [t - 1]  # p_sample at t = 0 uses 0. instead of a draw
+    store.put_all(case, params)
+    store.put(f"{case}/x1", x1)
+    store.put(f"{case}/x2", x2)
+    store.put(f"{case}/q_noise", q_noise)
+    store.put(f"{case}/step_noise", step_noise)
+    store.put(f"{case}/steps", np.asarray(t_list, np.int64))
+    store.put(f"{case}/out", out)
+    store.case(
+        case,
+        kind="lucid_interpolate",
+        reference="lucid",
+        call=f"GaussianDiffusion.interpolate(x1, x2, t={t}, lam={lam})",
+        schedule="cosine",
+        T=steps,
+        objective="pred_noise",
+        t=t,
+        lam=lam,
+        num_steps=t,
+        auto_normalize=False,
+        shape=list(SAMPLER_SHAPE),
+        model="tanh",
+        s_std=S_STD_DISCRETE,
+        param_seed=param_seed,
+        input_seed=input_seed,
+        torch_seed=torch_seed,
+        steps_without_draw=no_draw,
+        layout={
+            "x1": "[B, C, H, W] pixel-grid image",
+            "x2": "[B, C, H, W] pixel-grid image (drawn after x1 from the same generator)",
+            "q_noise": "[2, B, C, H, W] the randn_like draws inside q_sample: x1's, then x2's",
+            "step_noise": "[t, B, C, H, W] the randn_like draw of each p_sample call; zeros at "
+            "t = 0",
+            "steps": "[t] int64, t-1 .. 0",
+            "out": "[B, C, H, W] what interpolate returned",
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 
 GENERATORS = {
     "schedules": gen_schedules,
@@ -1420,7 +2241,10 @@ GENERATORS = {
     "bpd_openai": gen_bpd_openai,
     "continuous_lucid": gen_continuous_lucid,
     "resample_openai": gen_resample_openai,
+    "samplers": gen_samplers,
 }
+# files whose generator needs --guided-diffusion
+NEEDS_GUIDED = {"samplers"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1430,6 +2254,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=os.environ.get("IMPROVED_DIFFUSION_DIR"),
         help="folder containing the improved_diffusion package (default: $IMPROVED_DIFFUSION_DIR)",
+    )
+    parser.add_argument(
+        "--guided-diffusion",
+        type=Path,
+        default=os.environ.get("GUIDED_DIFFUSION_DIR"),
+        help="folder containing the guided_diffusion package, needed for samplers.npz "
+        "(default: $GUIDED_DIFFUSION_DIR)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument(
@@ -1441,11 +2272,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.improved_diffusion is None:
         parser.error("--improved-diffusion or IMPROVED_DIFFUSION_DIR is required")
+    selected = args.only or list(GENERATORS)
+    if args.guided_diffusion is None and NEEDS_GUIDED.intersection(selected):
+        parser.error(
+            "--guided-diffusion or GUIDED_DIFFUSION_DIR is required for "
+            + ", ".join(sorted(NEEDS_GUIDED.intersection(selected)))
+        )
 
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    refs = load_references(Path(args.improved_diffusion))
+    guided_dir = Path(args.guided_diffusion) if args.guided_diffusion is not None else None
+    refs = load_references(Path(args.improved_diffusion), guided_dir)
     print(
         f"torch {torch.__version__}, numpy {np.__version__}, "
         f"denoising-diffusion-pytorch {refs.lucid_version}; "
@@ -1454,7 +2292,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    for name in args.only or GENERATORS:
+    for name in selected:
         tick = time.perf_counter()
         store = GENERATORS[name](refs)
         path = store.write(args.out)

@@ -3,7 +3,9 @@
 Needs a Python with torch 2.13.0 and denoising-diffusion-pytorch 2.3.4 (the ``parity`` extra,
 the package installed with ``--no-deps``) and a checkout of openai/improved-diffusion at 1bc7bbb;
 see PROVENANCE.md. Point ``IMPROVED_DIFFUSION_DIR`` at the folder holding its
-``improved_diffusion`` package and, if torch lives in another environment,
+``improved_diffusion`` package, ``GUIDED_DIFFUSION_DIR`` at the one holding the
+``guided_diffusion`` package of openai/guided-diffusion at 22e0df8 and, if torch lives in
+another environment,
 ``JAXDIFF_REFERENCE_PYTHON`` at that environment's python.
 """
 
@@ -20,11 +22,13 @@ from tests.parity._fixtures import FIXTURES
 HERE = pathlib.Path(__file__).resolve().parent
 PYTHON = os.environ.get("JAXDIFF_REFERENCE_PYTHON", sys.executable)
 IMPROVED = os.environ.get("IMPROVED_DIFFUSION_DIR", "")
+GUIDED = os.environ.get("GUIDED_DIFFUSION_DIR", "")
 
 
 def _references_available() -> bool:
-    if not IMPROVED or not (pathlib.Path(IMPROVED) / "improved_diffusion").is_dir():
-        return False
+    for folder, package in ((IMPROVED, "improved_diffusion"), (GUIDED, "guided_diffusion")):
+        if not folder or not (pathlib.Path(folder) / package).is_dir():
+            return False
     # The package itself imports torchvision; the generator supplies import-only stand-ins.
     code = (
         "import importlib.util, torch; "
@@ -38,7 +42,8 @@ pytestmark = [
     pytest.mark.live,
     pytest.mark.skipif(
         not _references_available(),
-        reason="live parity needs torch + denoising-diffusion-pytorch and IMPROVED_DIFFUSION_DIR "
+        reason="live parity needs torch + denoising-diffusion-pytorch, IMPROVED_DIFFUSION_DIR and "
+        "GUIDED_DIFFUSION_DIR "
         "(see PROVENANCE.md); the committed fixtures are checked by the other parity tests",
     ),
 ]
@@ -51,6 +56,8 @@ def test_upstream_code_reproduces_every_fixture(tmp_path):
             str(HERE / "generate_fixtures.py"),
             "--improved-diffusion",
             IMPROVED,
+            "--guided-diffusion",
+            GUIDED,
             "--out",
             str(tmp_path),
         ],
