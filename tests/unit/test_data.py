@@ -1,0 +1,194 @@
+"""Host data: the digits dataset and its held-out split, image folders, deterministic and
+resumable batches, bad input."""
+
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff import data
+
+# Pillow resizes a float32 ("F") image in float32; ours runs in float64.
+PIL_BILINEAR_ATOL = 1e-4
+NUM_DIGITS = 1797
+NUM_TEST = 184  # digits_split's count for test_fraction 0.1 (content hashes, fixed)
+
+
+def test_data_module_keeps_jax_out():
+    tree = ast.parse(pathlib.Path(data.__file__).read_text())
+    roots = {
+        alias.name.split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import)
+        for alias in n.names
+    }
+    roots |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert not roots & {"jax", "jaxlib", "flax", "optax", "orbax"}, roots
+
+
+@pytest.mark.parametrize("size", data.DIGITS_SIZES)
+def test_digits_shapes_and_range(size):
+    train = data.load_digits(size)
+    test = data.load_digits(size, split="test")
+    assert train.images.shape == (NUM_DIGITS - NUM_TEST, size, size, 1)
+    assert test.images.shape == (NUM_TEST, size, size, 1)
+    assert train.images.dtype == np.uint8 and train.image_shape == (size, size, 1)
+    assert train.images.min() == 0 and train.images.max() == 255
+
+
+def test_nearest_digits_repeat_the_8x8_pixels_and_bilinear_matches_pillow():
+    native = data.load_digits(8, split="all").images
+    nearest = data.load_digits(32, split="all", resize="nearest").images
+    np.testing.assert_array_equal(nearest, native.repeat(4, axis=1).repeat(4, axis=2))
+    # 0..16 maps to 0..255: v * 255 / 16 rounded.
+    assert set(np.unique(native)) <= {round(v * 255 / 16) for v in range(17)}
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (8, 8)).astype(np.float32)
+    for size in (16, 32):
+        ours = data.resize_images(image[None, :, :, None], size)[0, :, :, 0]
+        pil = np.asarray(Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR))
+        np.testing.assert_allclose(ours, pil, atol=PIL_BILINEAR_ATOL)
+
+
+def test_test_split_is_deterministic_and_disjoint_from_train():
+    train = data.load_digits(8).images
+    test = data.load_digits(8, split="test").images
+    everything = data.load_digits(8, split="all").images
+    assert len(train) + len(test) == len(everything) == NUM_DIGITS
+    train_set = {im.tobytes() for im in train}
+    assert not any(im.tobytes() in train_set for im in test)
+    np.testing.assert_array_equal(data.load_digits(8, split="test").images, test)
+    # Every class is represented in the held-out split.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    mask = data.digits_split(digits.images)
+    assert mask.sum() == NUM_TEST and set(digits.target[mask]) == set(range(10))
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    dataset = data.load_digits(8)
+    n, size = len(dataset), 64
+    per_epoch = data.steps_per_epoch(n, size)
+    steps = 2 * per_epoch + 3  # crosses two epoch boundaries
+    run = list(data.batches(dataset, size, seed=5, num_steps=steps))
+    again = list(data.batches(dataset, size, seed=5, num_steps=steps))
+    other = next(data.batches(dataset, size, seed=6))
+    assert all(b.shape == (size, 8, 8, 1) and b.dtype == np.uint8 for b in run)
+    for a, b in zip(run, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(run[0], other)
+
+    # Resuming at any step gives exactly the uninterrupted batches.
+    for start in (1, per_epoch - 1, per_epoch, per_epoch + 2):
+        resumed = list(data.batches(dataset, size, seed=5, start_step=start, num_steps=3))
+        for i, batch in enumerate(resumed):
+            np.testing.assert_array_equal(batch, run[start + i])
+            np.testing.assert_array_equal(batch, data.batch_at(dataset, start + i, size, seed=5))
+
+    # One epoch sees each example at most once; the next epoch reorders them.
+    index = {im.tobytes(): i for i, im in enumerate(dataset.images)}
+    seen = [index[im.tobytes()] for b in run[:per_epoch] for im in b]
+    assert len(seen) == len(set(seen)) == per_epoch * size
+    next_epoch = [index[im.tobytes()] for b in run[per_epoch : 2 * per_epoch] for im in b]
+    assert seen != next_epoch
+
+
+def test_processes_split_the_global_batch_and_flips_are_deterministic():
+    dataset = data.load_digits(8)
+    whole = data.batch_at(dataset, 7, 16, seed=1, flip=True)
+    parts = [
+        data.batch_at(dataset, 7, 16, seed=1, flip=True, process_index=p, process_count=4)
+        for p in range(4)
+    ]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    plain = data.batch_at(dataset, 7, 16, seed=1)
+    mirrored = np.array([not np.array_equal(a, b) for a, b in zip(whole, plain, strict=True)])
+    assert 0 < mirrored.sum() < 16
+    np.testing.assert_array_equal(whole[mirrored], plain[mirrored][:, :, ::-1])
+    np.testing.assert_array_equal(whole, data.batch_at(dataset, 7, 16, seed=1, flip=True))
+
+
+def test_unit_range_round_trip():
+    pixels = np.arange(256, dtype=np.uint8)
+    x = data.to_unit_range(pixels)
+    assert x.dtype == np.float32 and x[0] == -1.0 and x[-1] == 1.0
+    np.testing.assert_array_equal(data.to_uint8(x), pixels)
+
+
+def _write(path: pathlib.Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
+    wide = np.zeros((20, 60, 3), np.uint8)  # H 20, W 60: black | white | black thirds
+    wide[:, 20:40] = 255
+    _write(tmp_path / "a" / "wide.png", wide)
+    _write(tmp_path / "b" / "c" / "solid.jpg", np.full((30, 30, 3), (200, 10, 10), np.uint8))
+    _write(tmp_path / "small.JPEG", np.full((5, 7), 77, np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    folder = data.ImageFolder(tmp_path, 10, channels=3)
+    names = [p.relative_to(tmp_path).as_posix() for p in folder.files]
+    assert names == ["a/wide.png", "b/c/solid.jpg", "small.JPEG"]
+    images = folder.get(np.arange(3))
+    assert images.shape == (3, 10, 10, 3) and images.dtype == np.uint8
+    # 20x60 -> 10x30, centre 10x10 = the white middle third (its edge columns antialiased).
+    assert images[0][:, 1:-1].min() == 255 and images[0].min() > 128
+    np.testing.assert_allclose(images[1].reshape(-1, 3).mean(0), (200, 10, 10), atol=3)
+    np.testing.assert_array_equal(images[2], np.full((10, 10, 3), 77))
+
+    gray = data.ImageFolder(tmp_path, 10, channels=1).load()
+    assert gray.images.shape == (3, 10, 10, 1)
+    batch = data.batch_at(gray, 0, 2, seed=0)
+    assert batch.shape == (2, 10, 10, 1)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.ImageFolder(tmp_path / "missing", 8)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=r"empty'.*holds no .png/.jpg/.jpeg files"):
+        data.ImageFolder(tmp_path / "empty", 8)
+    _write(tmp_path / "mixed" / "good.png", np.zeros((8, 8), np.uint8))
+    bad = tmp_path / "mixed" / "sub" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x89PNG but not really")
+    with pytest.raises(ValueError, match=rf"cannot read image file '{bad}'"):
+        data.ImageFolder(tmp_path / "mixed", 8)
+    with pytest.raises(ValueError, match=r"channel count 4.*\[1, 3\]"):
+        data.ImageFolder(tmp_path / "mixed", 8, channels=4)
+
+
+def test_a_file_that_breaks_after_the_scan_is_named_when_loaded(tmp_path):
+    path = tmp_path / "x.png"
+    _write(path, np.zeros((8, 8), np.uint8))
+    folder = data.ImageFolder(tmp_path, 8, channels=1)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=rf"cannot read image file '{path}'"):
+        folder.get(np.array([0]))
+
+
+def test_bad_arguments():
+    dataset = data.load_digits(8)
+    with pytest.raises(ValueError, match=r"digits image size 12.*\[8, 16, 32\]"):
+        data.load_digits(12)
+    with pytest.raises(ValueError, match=r"split 'val'.*'train'"):
+        data.load_digits(8, split="val")
+    with pytest.raises(ValueError, match=r"resize method 'cubic'.*'bilinear'"):
+        data.load_digits(16, resize="cubic")
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.load_digits(8, test_fraction=1.0)
+    with pytest.raises(ValueError, match=r"batch_size 5000 exceeds the 1613 examples"):
+        data.batch_at(dataset, 0, 5000, seed=0)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        data.batch_at(dataset, 0, 16, seed=0, process_count=3)
+    with pytest.raises(ValueError, match="uint8"):
+        data.ArrayDataset(np.zeros((2, 4, 4, 1), np.float32))
