@@ -64,8 +64,10 @@ def test_upstream_code_reproduces_every_fixture(tmp_path):
         check=True,
         capture_output=True,
     )
-    committed = sorted(p.name for p in FIXTURES.glob("*.npz"))
-    assert sorted(p.name for p in tmp_path.glob("*.npz")) == committed
+    # generate_unet_fixtures.py has its own live test (test_unet_parity.py).
+    written = sorted(p.name for p in tmp_path.glob("*.npz"))
+    committed = sorted(p.name for p in FIXTURES.glob("*.npz") if p.name != "unet.npz")
+    assert written == committed
     for name in committed:
         fresh, stored = np.load(tmp_path / name), np.load(FIXTURES / name)
         assert sorted(fresh.files) == sorted(stored.files), name

@@ -1,0 +1,475 @@
+"""PyTorch ``denoising_diffusion_pytorch.Unet`` weights <-> jaxdiff Flax ``Unet`` variables.
+
+The key map is derived from the Flax parameter tree of the configured network, so every Flax
+parameter has exactly one PyTorch key and vice versa. A conversion checks both directions
+before it moves a number: a missing key, an unexpected key or a shape mismatch raises a
+``ValueError`` naming every offending key (usually the state_dict comes from a Unet with another
+configuration). Values are only transposed / reshaped and held as float32 (the network's
+parameter dtype; float16 and bfloat16 checkpoints widen exactly), never recomputed, so a round
+trip of a float32 state_dict reproduces every tensor bit for bit.
+
+Layouts (PyTorch -> Flax):
+
+* ``Conv2d`` weight ``[O, I, kh, kw]`` -> ``kernel [kh, kw, I, O]``; 1x1 convolutions (qkv,
+  attention outputs, down-sampling, shortcuts, final) are Flax ``Dense``: ``[O, I, 1, 1]`` ->
+  ``[I, O]``; ``Linear`` weight ``[O, I]`` -> ``[I, O]``;
+* RMSNorm gain ``g [1, C, 1, 1]`` -> ``scale [C]``;
+* memory key/values: full attention keeps ``[2, heads, slots, dim_head]``; linear attention's
+  ``[2, heads, dim_head, slots]`` is transposed to the same layout.
+
+torch is imported only inside the functions that read or write ``.pt`` files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+from jaxdiff.models.unet import Unet, unet_from_config
+
+__all__ = [
+    "KeyMapEntry",
+    "extract_unet_state_dict",
+    "flax_to_torch_state_dict",
+    "load_flax_params",
+    "load_state_dict_file",
+    "load_torch_checkpoint",
+    "save_flax_params",
+    "save_state_dict_npz",
+    "save_torch_checkpoint",
+    "torch_key_map",
+    "torch_state_dict_to_flax",
+]
+
+ConfigLike = Unet | Mapping[str, Any] | str
+FlaxPath = tuple[str, ...]
+
+_LIKELY_CAUSE = (
+    "The weights were probably saved from a Unet with another configuration (compare dim, "
+    "init_dim, out_dim, dim_mults, channels, self_condition, learned_variance, "
+    "learned_sinusoidal_cond / random_fourier_features, attn_heads, attn_dim_head, full_attn)."
+)
+_MAX_LISTED = 12
+
+# ----------------------------------------------------------------------------------------------
+# Layout transforms: (PyTorch -> Flax, Flax -> PyTorch, Flax shape -> PyTorch shape)
+
+
+def _conv_to_flax(w):
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def _conv_to_torch(w):
+    return np.transpose(w, (3, 2, 0, 1))
+
+
+def _conv1x1_to_flax(w):
+    return w.reshape(w.shape[0], w.shape[1]).T
+
+
+def _conv1x1_to_torch(w):
+    return w.T.reshape(w.shape[1], w.shape[0], 1, 1)
+
+
+def _same(w):
+    return w
+
+
+_Transform = tuple[Callable, Callable, Callable[[tuple], tuple]]
+_KINDS: dict[str, _Transform] = {
+    "conv": (_conv_to_flax, _conv_to_torch, lambda s: (s[3], s[2], s[0], s[1])),
+    "conv1x1": (_conv1x1_to_flax, _conv1x1_to_torch, lambda s: (s[1], s[0], 1, 1)),
+    "linear": (np.transpose, np.transpose, lambda s: (s[1], s[0])),
+    "norm": (
+        lambda w: w.reshape(-1),
+        lambda w: w.reshape(1, -1, 1, 1),
+        lambda s: (1, s[0], 1, 1),
+    ),
+    "mem_linear": (
+        lambda w: np.swapaxes(w, -1, -2),
+        lambda w: np.swapaxes(w, -1, -2),
+        lambda s: (*s[:-2], s[-1], s[-2]),
+    ),
+    "same": (_same, _same, lambda s: tuple(s)),
+}
+
+# Flax module name -> PyTorch module name, at the top level and inside blocks.
+_TOP = {
+    "init_conv": "init_conv",
+    "time_fourier": "time_mlp.0",
+    "time_mlp_in": "time_mlp.1",
+    "time_mlp_out": "time_mlp.3",
+    "mid_block1": "mid_block1",
+    "mid_attn": "mid_attn",
+    "mid_block2": "mid_block2",
+    "final_res_block": "final_res_block",
+    "final_conv": "final_conv",
+}
+_STAGE = {"block1": "0", "block2": "1", "attn": "2"}
+_LEAF = {"kernel": "weight", "bias": "bias", "scale": "g", "weights": "weights", "mem_kv": "mem_kv"}
+# Flax Dense layers that are nn.Linear in PyTorch; every other Dense is a 1x1 Conv2d.
+_LINEAR_MODULES = {"time_mlp_in", "time_mlp_out", "mlp"}
+
+
+def _flax_shapes(unet: Unet) -> dict[FlaxPath, tuple[int, ...]]:
+    """Shapes of every parameter of ``unet``, from an abstract (free) initialisation."""
+    side = unet.downsample_factor
+    x = jax.ShapeDtypeStruct((1, side, side, unet.channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    variables = jax.eval_shape(unet.init, jax.random.key(0), x, t)
+    flat = traverse_util.flatten_dict(variables["params"])
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def _translate(path: FlaxPath, shape: tuple, flat: Mapping, num_stages: int) -> tuple[str, str]:
+    """The PyTorch key and layout kind of the Flax parameter at ``path``."""
+    top, *modules, leaf = path
+    if top in _TOP:
+        parts = [_TOP[top]]
+    else:
+        direction, index = top.rsplit("_", 1)  # "downs_0" -> downs.0
+        stage_module, *modules = modules
+        if stage_module in _STAGE:
+            position = _STAGE[stage_module]
+        else:
+            # down/up-sampling is a Sequential (rearrange or upsample, then the conv) except in
+            # the innermost down stage and the outermost up stage, where it is a lone 3x3 conv
+            position = "3" if int(index) == num_stages - 1 else "3.1"
+        parts = [f"{direction}.{index}", position]
+    attention = path[:-1] if leaf == "mem_kv" else path[:-2]
+    is_linear_attention = (*attention, "to_out_norm", "scale") in flat
+    for name in modules:
+        if name == "mlp":
+            parts.append("mlp.1")
+        elif name == "to_out" and is_linear_attention:
+            parts.append("to_out.0")
+        elif name == "to_out_norm":
+            parts.append("to_out.1")
+        else:
+            parts.append(name)
+    parts.append(_LEAF[leaf])
+
+    if leaf == "kernel" and len(shape) == 4:
+        kind = "conv"
+    elif leaf == "kernel":
+        kind = "linear" if path[-2] in _LINEAR_MODULES else "conv1x1"
+    elif leaf == "scale":
+        kind = "norm"
+    elif leaf == "mem_kv" and is_linear_attention:
+        kind = "mem_linear"
+    else:
+        kind = "same"
+    return ".".join(parts), kind
+
+
+class KeyMapEntry(NamedTuple):
+    flax_path: FlaxPath
+    kind: str  # the layout change, a key of _KINDS
+    torch_shape: tuple[int, ...]
+    flax_shape: tuple[int, ...]
+
+
+def torch_key_map(config: ConfigLike) -> dict[str, KeyMapEntry]:
+    """``{torch_key: KeyMapEntry}`` for the configured Unet: a bijection onto its Flax tree."""
+    unet = unet_from_config(config)
+    return dict(_key_map(json.dumps(unet.config(), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=32)
+def _key_map(config_json: str) -> tuple[tuple[str, KeyMapEntry], ...]:
+    unet = unet_from_config(json.loads(config_json))
+    flat = _flax_shapes(unet)
+    num_stages = len(unet.dim_mults)
+    table: dict[str, KeyMapEntry] = {}
+    for path, shape in flat.items():
+        key, kind = _translate(path, shape, flat, num_stages)
+        if key in table:
+            raise AssertionError(f"two Flax parameters map to {key}: {table[key][0]}, {path}")
+        table[key] = KeyMapEntry(path, kind, _KINDS[kind][2](shape), shape)
+    return tuple(table.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def _listed(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def _common_prefix_hint(keys) -> str:
+    heads = {k.split(".", 1)[0] for k in keys if "." in k}
+    if len(heads) == 1 and heads.pop() in {"model", "ema_model", "online_model", "module", "ema"}:
+        return (
+            " The keys carry a wrapper prefix: this looks like a GaussianDiffusion, EMA or "
+            "Trainer checkpoint; use load_torch_checkpoint / extract_unet_state_dict, which "
+            "strip it."
+        )
+    return ""
+
+
+def _check_keys(have, expected, what: str) -> None:
+    missing = set(expected) - set(have)
+    unexpected = set(have) - set(expected)
+    if not (missing or unexpected):
+        return
+    lines = [f"{what} does not match the Unet configuration."]
+    if missing:
+        lines.append(f"Missing {len(missing)} key(s): {_listed(missing)}.")
+    if unexpected:
+        lines.append(f"Unexpected {len(unexpected)} key(s): {_listed(unexpected)}.")
+    raise ValueError(" ".join(lines) + " " + _LIKELY_CAUSE + _common_prefix_hint(unexpected))
+
+
+def _check_shapes(pairs, what: str) -> None:
+    bad = [
+        f"{k}: got {tuple(got)}, expected {tuple(want)}" for k, got, want in pairs if got != want
+    ]
+    if bad:
+        raise ValueError(
+            f"{what}: {len(bad)} shape mismatch(es): {'; '.join(bad[:_MAX_LISTED])}"
+            + (f"; ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
+            + ". "
+            + _LIKELY_CAUSE
+        )
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A numpy array from a numpy / JAX array or a torch tensor (without importing torch)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _unwrap_params(variables: Mapping) -> Mapping:
+    if set(variables) == {"params"}:
+        return variables["params"]
+    return variables
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+
+def torch_state_dict_to_flax(state_dict: Mapping[str, Any], config: ConfigLike) -> dict:
+    """Flax variables ``{"params": ...}`` of ``Unet`` from the reference ``Unet.state_dict()``.
+
+    Args:
+      state_dict: ``{key: array}`` keyed exactly as ``denoising_diffusion_pytorch.Unet``'s
+        ``state_dict()`` (numpy arrays or torch tensors). Strip wrapper prefixes first
+        (:func:`extract_unet_state_dict`).
+      config: the network: a :class:`~jaxdiff.models.Unet`, a dict of its (the reference's)
+        constructor arguments, a JSON string or a preset name.
+
+    Returns:
+      ``{"params": tree}`` of float32 arrays, ready for ``Unet.apply``.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped key.
+    """
+    table = torch_key_map(config)
+    _check_keys(state_dict.keys(), table.keys(), "The PyTorch state_dict")
+    arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
+    _check_shapes(
+        ((k, arrays[k].shape, table[k].torch_shape) for k in sorted(table)),
+        "The PyTorch state_dict",
+    )
+    flat = {}
+    for key, e in table.items():
+        value = _KINDS[e.kind][0](arrays[key])
+        flat[e.flax_path] = jnp.asarray(np.ascontiguousarray(value, dtype=np.float32))
+    return {"params": traverse_util.unflatten_dict(flat)}
+
+
+def _checked_flax_arrays(variables: Mapping, table: Mapping[str, KeyMapEntry]) -> dict:
+    """``{torch_key: numpy array}`` of a Flax tree, after checking its paths and shapes."""
+    flat = traverse_util.flatten_dict(dict(_unwrap_params(variables)))
+    named = {"/".join(path): value for path, value in flat.items()}
+    expected = {"/".join(e.flax_path): key for key, e in table.items()}
+    _check_keys(named.keys(), expected.keys(), "The Flax parameter tree")
+    arrays = {expected[name]: np.asarray(value) for name, value in named.items()}
+    _check_shapes(
+        (
+            (f"{'/'.join(e.flax_path)} (PyTorch {key})", arrays[key].shape, e.flax_shape)
+            for key, e in sorted(table.items())
+        ),
+        "The Flax parameter tree",
+    )
+    return arrays
+
+
+def flax_to_torch_state_dict(variables: Mapping, config: ConfigLike) -> dict[str, np.ndarray]:
+    """The reference ``Unet.state_dict()`` (as float32 numpy arrays) from Flax variables.
+
+    The inverse of :func:`torch_state_dict_to_flax`, exact. ``variables`` is ``{"params": tree}``
+    or the bare tree. Load into PyTorch with
+    ``unet.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped parameter.
+    """
+    table = torch_key_map(config)
+    arrays = _checked_flax_arrays(variables, table)
+    return {
+        key: np.array(_KINDS[e.kind][1](arrays[key]), dtype=np.float32, order="C", copy=True)
+        for key, e in table.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+
+_TRAINER_ENTRIES = ("model", "ema")
+_ANCHOR = "init_conv.weight"
+
+
+def extract_unet_state_dict(
+    checkpoint: Mapping[str, Any], *, which: str = "ema", prefix: str | None = None
+) -> dict[str, Any]:
+    """The bare ``Unet`` state_dict inside a checkpoint, with its wrapper prefix removed.
+
+    Accepts a bare Unet state_dict; a ``GaussianDiffusion`` state_dict (prefix ``model.``; the
+    diffusion's schedule buffers are dropped); an ema-pytorch ``EMA`` state_dict (prefixes
+    ``ema_model.`` and ``online_model.``); or a lucidrains ``Trainer`` checkpoint, a dict with
+    ``'model'`` (the diffusion's state_dict) and ``'ema'`` (the EMA's) entries.
+
+    Args:
+      checkpoint: what ``torch.load`` returned (or any mapping of arrays).
+      which: ``"ema"`` (default: the EMA weights, which the reference's Trainer samples with)
+        or ``"model"`` (the online, raw training weights). It picks the Trainer entry and,
+        inside an EMA state_dict, ``ema_model.`` or ``online_model.``.
+      prefix: take exactly the keys under this prefix, overriding the detection.
+    """
+    if which not in _TRAINER_ENTRIES:
+        raise ValueError(f"which must be one of {_TRAINER_ENTRIES}, got {which!r}")
+    state = checkpoint
+    if any(isinstance(checkpoint.get(e), Mapping) for e in _TRAINER_ENTRIES):
+        if not isinstance(checkpoint.get(which), Mapping):
+            present = [e for e in _TRAINER_ENTRIES if isinstance(checkpoint.get(e), Mapping)]
+            raise ValueError(
+                f"the Trainer checkpoint has no {which!r} entry (it has {present}); pass "
+                f"which={present[0]!r}"
+            )
+        state = checkpoint[which]
+    if prefix is None:
+        candidates = sorted(k[: -len(_ANCHOR)] for k in state if k.endswith(_ANCHOR))
+        if not candidates:
+            raise ValueError(
+                f"no Unet weights found: no key ends with {_ANCHOR!r} (keys: "
+                f"{_listed(state.keys())})"
+            )
+        if len(candidates) > 1:
+            wanted = "ema_model." if which == "ema" else "online_model."
+            preferred = [c for c in candidates if c.startswith(wanted)]
+            if len(preferred) != 1:
+                raise ValueError(
+                    f"several Unets in the checkpoint, under prefixes {candidates}; pass prefix="
+                )
+            candidates = preferred
+        prefix = candidates[0]
+    out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"no key starts with prefix {prefix!r}")
+    return out
+
+
+def load_torch_checkpoint(
+    path: str | os.PathLike,
+    config: ConfigLike,
+    *,
+    which: str = "ema",
+    prefix: str | None = None,
+) -> dict:
+    """Flax variables from a PyTorch ``.pt`` file (bare Unet, GaussianDiffusion, EMA or Trainer).
+
+    Reads with ``torch.load(path, map_location="cpu", weights_only=True)`` (no pickled code is
+    executed), picks the Unet with :func:`extract_unet_state_dict` (``which="ema"`` by default
+    for Trainer checkpoints) and converts it with :func:`torch_state_dict_to_flax`. Needs torch.
+    """
+    import torch
+
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
+    state = extract_unet_state_dict(checkpoint, which=which, prefix=prefix)
+    return torch_state_dict_to_flax(state, config)
+
+
+def save_torch_checkpoint(
+    variables: Mapping, path: str | os.PathLike, config: ConfigLike, *, overwrite: bool = False
+) -> Path:
+    """Write Flax variables as a bare reference ``Unet`` state_dict with ``torch.save``.
+
+    ``Unet(**config).load_state_dict(torch.load(path, weights_only=True))`` reads it back in
+    PyTorch. Needs torch.
+    """
+    import torch
+
+    state = flax_to_torch_state_dict(variables, config)
+    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    return _write_atomic(Path(path), overwrite, lambda f: torch.save(tensors, f))
+
+
+def save_state_dict_npz(
+    variables: Mapping, path: str | os.PathLike, config: ConfigLike, *, overwrite: bool = False
+) -> Path:
+    """Write the reference state_dict as a ``.npz`` (torch-free exchange; same keys and layout)."""
+    state = flax_to_torch_state_dict(variables, config)
+    return _write_atomic(Path(path), overwrite, lambda f: np.savez(f, **state))
+
+
+def load_state_dict_file(path: str | os.PathLike, **extract_kwargs) -> dict[str, Any]:
+    """The bare Unet state_dict from a ``.npz`` (numpy only) or a ``.pt`` file (needs torch)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            state = {k: data[k] for k in data.files}
+    else:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return extract_unet_state_dict(state, **extract_kwargs)
+
+
+def save_flax_params(variables: Mapping, path: str | os.PathLike, *, overwrite=False) -> Path:
+    """Write Flax variables with ``flax.serialization.to_bytes`` (msgpack)."""
+    data = serialization.to_bytes(jax.device_get(dict(variables)))
+    return _write_atomic(Path(path), overwrite, lambda f: f.write(data))
+
+
+def load_flax_params(path: str | os.PathLike, config: ConfigLike) -> dict:
+    """Read msgpack Flax variables and check them against the configuration.
+
+    Raises:
+      ValueError: naming every parameter that is missing, unexpected or mis-shaped.
+    """
+    restored = serialization.msgpack_restore(Path(path).read_bytes())
+    table = torch_key_map(config)
+    arrays = _checked_flax_arrays(restored, table)
+    flat = {e.flax_path: jnp.asarray(arrays[key]) for key, e in table.items()}
+    return {"params": traverse_util.unflatten_dict(flat)}
+
+
+def _write_atomic(path: Path, overwrite: bool, write: Callable) -> Path:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--force) to replace it")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
