@@ -1,5 +1,8 @@
 """The ``jaxdiff`` command line. Parses flags and calls the library; no logic of its own.
 
+    jaxdiff train [--preset digits] [--workdir runs/digits] [--steps N] [--FIELD VALUE ...]
+    jaxdiff sample --workdir runs/digits [--sampler ddim|ddpm] [--steps 50] [--eta 0] [--num 64]
+    jaxdiff bpd --workdir runs/digits [--split test] [--at-init]
     jaxdiff convert --config CONFIG --in model.pt --out params.msgpack [--which ema|model]
     jaxdiff convert --config CONFIG --in params.msgpack --out model.pt --to-torch
 
@@ -11,6 +14,7 @@ in both directions without torch. An existing output file is never replaced with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,9 +55,142 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(command: str, error: Exception) -> int:
+    print(f"jaxdiff {command}: {error}", file=sys.stderr)
+    return 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxdiff import runner
+
+    config = runner.PRESETS[args.preset]
+    sections = {}
+    for section in dataclasses.fields(config):
+        current = getattr(config, section.name)
+        changes = {
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(current)
+            if getattr(args, f.name, None) is not None
+        }
+        sections[section.name] = dataclasses.replace(current, **changes)
+    config = runner.Config(**sections)
+    if args.folder is not None and args.dataset is None:
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, dataset="folder")
+        )
+    workdir = args.workdir or Path("runs") / args.preset
+    try:
+        runner.train_and_evaluate(config, workdir)
+    except ValueError as error:
+        return _fail("train", error)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from jaxdiff import runner
+
+    out = args.out or Path(args.workdir) / "samples" / f"{args.sampler}{args.steps}_seed{args.seed}"
+    try:
+        runner.sample_images(
+            args.workdir,
+            out,
+            num=args.num,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            step=args.step,
+            overwrite=args.force,
+        )
+    except ValueError as error:
+        return _fail("sample", error)
+    print(f"wrote {Path(out).with_suffix('.png')} and {Path(out).with_suffix('.npz')}")
+    return 0
+
+
+def _bpd(args: argparse.Namespace) -> int:
+    from jaxdiff import runner
+
+    try:
+        result = runner.evaluate_bpd(
+            args.workdir,
+            split=args.split,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            step=args.step,
+            at_init=args.at_init,
+        )
+    except ValueError as error:
+        return _fail("bpd", error)
+    print(json.dumps(result))
+    return 0
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the run's typed configuration (``--steps``, ``--dim-mults``...)."""
+    from jaxdiff import runner
+
+    for section in dataclasses.fields(runner.Config):
+        group = parser.add_argument_group(f"{section.name} (overrides the preset)")
+        for field in dataclasses.fields(section.default):
+            if field.name == "folder":  # --data-dir
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            default = field.default
+            if isinstance(default, bool):
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction)
+            elif isinstance(default, tuple):
+                group.add_argument(
+                    flag,
+                    dest=field.name,
+                    type=lambda v: tuple(int(x) for x in v.split(",")),
+                    help="comma-separated, e.g. 1,2,2",
+                )
+            else:
+                kind = (
+                    type(default)
+                    if default is not None
+                    else (str if "folder" in field.name else float)
+                )
+                group.add_argument(flag, dest=field.name, type=kind, help=f"default {default!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (default: the embedded digits dataset, into runs/digits)",
+        description="Train, or resume, a diffusion model. With no arguments: the digits preset "
+        "(scikit-learn's handwritten digits, 16x16) into runs/digits.",
+    )
+    train.add_argument("--preset", default="digits", choices=sorted(_presets()))
+    train.add_argument("--workdir", type=Path, help="default: runs/<preset>")
+    train.add_argument("--data-dir", dest="folder", help="train on this image folder instead")
+    _config_flags(train)
+    train.set_defaults(run=_train)
+
+    sample = commands.add_parser("sample", help="sample images from a trained workdir")
+    sample.add_argument("--workdir", type=Path, required=True)
+    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM uses all T)")
+    sample.add_argument("--eta", type=float, default=0.0)
+    sample.add_argument("--num", type=int, default=64)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    sample.add_argument("--out", type=Path, help="output path without suffix (.png and .npz)")
+    sample.add_argument("--force", action="store_true", help="replace existing output files")
+    sample.set_defaults(run=_sample)
+
+    bpd = commands.add_parser("bpd", help="bits/dim of a trained workdir on its test split")
+    bpd.add_argument("--workdir", type=Path, required=True)
+    bpd.add_argument("--split", choices=("test", "train", "all"), default="test")
+    bpd.add_argument("--batch-size", type=int, default=256)
+    bpd.add_argument("--seed", type=int, default=0)
+    bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    bpd.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
+    bpd.set_defaults(run=_bpd)
     convert = commands.add_parser(
         "convert",
         help="PyTorch Unet weights <-> Flax params (msgpack)",
@@ -90,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
     convert.set_defaults(run=_convert)
     return parser
+
+
+def _presets():
+    from jaxdiff import runner
+
+    return runner.PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,471 @@
+"""A training run end to end: ``train_and_evaluate(config, workdir)``, and the work of the
+``jaxdiff sample`` and ``jaxdiff bpd`` commands.
+
+This is the impure shell around the library (Flax examples' ``train.py``): it reads data, writes
+checkpoints (through :mod:`jaxdiff.checkpoint`), ``metrics.jsonl``, sample grids and a loss
+curve into a workdir, and prints progress. Everything it computes comes from the library:
+:mod:`jaxdiff.train` for the step, :mod:`jaxdiff.samplers` for sampling,
+:mod:`jaxdiff.likelihood` for bits/dim. A workdir holds::
+
+    config.json           the run's configuration (the CLI reads it back)
+    checkpoints/<step>/   Orbax checkpoints (the newest ``keep``)
+    metrics.jsonl         one JSON line per logged step
+    samples/step_<n>.png  sample grids of the EMA model; samples/latest.png
+    loss.png              the loss curve
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import checkpoint, data, gaussian, likelihood, samplers, schedules, train
+from jaxdiff.models import Unet
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "DiffusionConfig",
+    "ModelConfig",
+    "PRESETS",
+    "RunConfig",
+    "evaluate_bpd",
+    "load_config",
+    "sample_images",
+    "train_and_evaluate",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net (denoising-diffusion-pytorch ``Unet`` options)."""
+
+    dim: int = 16
+    dim_mults: tuple[int, ...] = (1, 2, 2)
+    dropout: float = 0.0
+    attn_heads: int = 4
+    attn_dim_head: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The process and the loss (denoising-diffusion-pytorch ``GaussianDiffusion``)."""
+
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    objective: str = "eps"
+    min_snr_gamma: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``digits`` (embedded, no download) or an image folder."""
+
+    dataset: str = "digits"
+    image_size: int = 16
+    folder: str | None = None
+    channels: int = 1
+    flip: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length, optimiser and logging of a run."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    save_every: int = 250
+    keep: int = 3
+    log_every: int = 50
+    sample_every: int = 500
+    num_samples: int = 64
+    sample_steps: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """What defines the run's numbers; a workdir's checkpoints must match it. The run's
+        length and logging may change on resumption."""
+        d = self.to_dict()
+        for name in (
+            "steps",
+            "save_every",
+            "keep",
+            "log_every",
+            "sample_every",
+            "num_samples",
+            "sample_steps",
+        ):
+            d["run"].pop(name)
+        return d
+
+
+PRESETS: dict[str, Config] = {
+    # Draws recognisable digits in a few minutes on a 2-core CPU.
+    "digits": Config(),
+    "digits32": Config(
+        model=ModelConfig(dim=32, dim_mults=(1, 2, 2, 2)),
+        data=DataConfig(image_size=32),
+        run=RunConfig(steps=8000, batch_size=32),
+    ),
+}
+
+
+def _from_dict(cls, values: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(fields)}")
+    out = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(fields[name].default):
+            value = _from_dict(type(fields[name].default), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[name] = value
+    return cls(**out)
+
+
+def load_config(workdir: str | os.PathLike) -> Config:
+    """The configuration a workdir was trained with (its ``config.json``)."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{str(path)!r} not found: {str(workdir)!r} is not a jaxdiff workdir "
+            "(run `jaxdiff train --workdir ...` first)"
+        )
+    try:
+        return _from_dict(Config, json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{str(path)!r} is not a valid jaxdiff config: {err}") from err
+
+
+def _dataset(cfg: DataConfig, split: str):
+    if cfg.dataset == "digits":
+        return data.load_digits(cfg.image_size, split=split)
+    if cfg.dataset == "folder":
+        if not cfg.folder:
+            raise ValueError("dataset 'folder' needs a folder (--data-dir)")
+        return data.ImageFolder(cfg.folder, cfg.image_size, channels=cfg.channels).load()
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
+
+
+def _channels(cfg: DataConfig) -> int:
+    return 1 if cfg.dataset == "digits" else cfg.channels
+
+
+def _model(config: Config) -> Unet:
+    m = config.model
+    return Unet(
+        dim=m.dim,
+        dim_mults=tuple(m.dim_mults),
+        channels=_channels(config.data),
+        dropout=m.dropout,
+        attn_heads=m.attn_heads,
+        attn_dim_head=m.attn_dim_head,
+    )
+
+
+def _coeffs(cfg: DiffusionConfig, convention: str = "lucidrains") -> gaussian.DiffusionCoeffs:
+    betas = schedules.get_named_beta_schedule(cfg.schedule, cfg.timesteps)
+    return gaussian.make_coeffs(betas, convention=convention)
+
+
+def _initial_state(config: Config, model: Unet, optimizer, mesh):
+    key = jax.random.PRNGKey(config.run.seed)
+    size = config.data.image_size
+    x = jnp.zeros((1, size, size, _channels(config.data)))
+    params = model.init(jax.random.fold_in(key, 1), x, jnp.zeros((1,)))
+    return train.create_train_state(params, optimizer, jax.random.fold_in(key, 2), mesh=mesh)
+
+
+def _grid_png(images: np.ndarray, path: pathlib.Path) -> None:
+    """Save uint8 [N, H, W, C] as one square-ish grid PNG with 2-pixel gaps."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
+    scale = max(1, 512 // grid.shape[0])
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def _loss_png(metrics_path: pathlib.Path, path: pathlib.Path) -> None:
+    """Plot log10(loss) against the step from metrics.jsonl, with Pillow."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    points = [(r["step"], math.log10(max(r["loss"], 1e-12))) for r in rows if "loss" in r]
+    width, height, pad = 640, 400, 50
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline="black")
+    if len(points) >= 2:
+        xs, ys = zip(*points, strict=True)
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        y1 = y1 if y1 > y0 else y0 + 1
+
+        def to_px(x, y):
+            px = pad + (x - x0) / max(x1 - x0, 1) * (width - 1.5 * pad)
+            py = height - pad - (y - y0) / (y1 - y0) * (height - 1.5 * pad)
+            return px, py
+
+        draw.line([to_px(x, y) for x, y in points], fill=(31, 119, 180), width=2)
+        draw.text((pad, height - pad + 8), f"step {x0}", fill="black")
+        draw.text((width - pad * 2, height - pad + 8), f"step {x1}", fill="black")
+        draw.text((4, pad // 2), f"{10**y1:.3g}", fill="black")
+        draw.text((4, height - pad - 10), f"{10**y0:.3g}", fill="black")
+    draw.text((pad, 4), "training loss (log scale)", fill="black")
+    img.save(path)
+
+
+def _sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sampler: str):
+    c = _coeffs(config.diffusion)
+    size, channels = config.data.image_size, _channels(config.data)
+    objective = config.diffusion.objective
+
+    @jax.jit
+    def run(params, key):
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), (num, size, size, channels))
+
+        def model_fn(x, t):
+            return model.apply(params, x, t)
+
+        noise_key = jax.random.fold_in(key, 1)
+        if sampler == "ddpm":
+            out = samplers.ddpm_sample(model_fn, c, x_T, key=noise_key, mean_type=objective)
+        else:
+            grid = samplers.ddim_grid(c.num_timesteps, steps)
+            out = samplers.ddim_sample(
+                model_fn, c, x_T, grid=grid, eta=eta, key=noise_key, mean_type=objective
+            )
+        return out.sample
+
+    return run
+
+
+def _to_uint8(x) -> np.ndarray:
+    return data.to_uint8(np.asarray(x))
+
+
+def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
+    """Keep only the lines up to the restored step: the steps a killed run logged after its
+    last checkpoint are run, and logged, again."""
+    lines = path.read_text().splitlines() if path.exists() and keep_through is not None else []
+    kept = [line for line in lines if line and json.loads(line)["step"] <= keep_through]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_and_evaluate(
+    config: Config,
+    workdir: str | os.PathLike,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> train.TrainState:
+    """Train (or resume) the run of ``config`` in ``workdir`` to ``config.run.steps`` steps.
+
+    Resuming restores the newest checkpoint; the result equals that of an uninterrupted run with
+    the same configuration (the batches are a function of the step and the seed, the step's
+    randomness of the step and the key). A workdir trained with another configuration is
+    refused with a ValueError naming the differences, and nothing in it is changed.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    workdir = pathlib.Path(workdir)
+    run = config.run
+    if run.steps < 0 or run.batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {run.steps}, {run.batch_size}")
+    dataset = _dataset(config.data, "train" if config.data.dataset == "digits" else "all")
+    if len(dataset) < run.batch_size:
+        raise ValueError(
+            f"the dataset has {len(dataset)} images, fewer than batch_size={run.batch_size}"
+        )
+    mesh = train.make_mesh()
+    if run.batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size {run.batch_size} is not divisible by the device count {mesh.size}; "
+            f"use a multiple of {mesh.size}"
+        )
+    model = _model(config)
+    optimizer = train.default_optimizer(run.lr)
+    loss_fn = train.diffusion_loss_fn(
+        model.apply,
+        _coeffs(config.diffusion),
+        loss="simple",
+        objective=config.diffusion.objective,
+        min_snr_gamma=config.diffusion.min_snr_gamma,
+    )
+    train_step = train.make_train_step(loss_fn, optimizer, mesh=mesh)
+    state = _initial_state(config, model, optimizer, mesh)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.Checkpoints(
+        workdir, config=config.identity(), save_every=run.save_every, keep=run.keep
+    ) as ckpt:
+        start = ckpt.latest_step()
+        if start is not None:
+            state = ckpt.restore(state, mesh=mesh)
+            log(f"resumed from the checkpoint of step {start} in {workdir}")
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        metrics_path = workdir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, start)
+        (workdir / "samples").mkdir(exist_ok=True)
+        sample = _sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
+        sample_key = jax.random.PRNGKey(run.seed + 1)
+
+        def write_samples(step: int) -> None:
+            images = _to_uint8(sample(state.ema_params, sample_key))
+            _grid_png(images, workdir / "samples" / f"step_{step}.png")
+            _grid_png(images, workdir / "samples" / "latest.png")
+
+        step = int(state.step)
+        window_start, window_images = time.perf_counter(), 0
+        with metrics_path.open("a") as metrics_file:
+            while step < run.steps:
+                batch = data.batch_at(
+                    dataset, step, run.batch_size, seed=run.seed, flip=config.data.flip
+                )
+                state, metrics = train_step(state, train.shard_batch(batch, mesh))
+                step += 1
+                window_images += run.batch_size
+                ckpt.save(state)
+                if step % run.log_every == 0 or step == run.steps:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - window_start
+                    values["images_per_s"] = window_images / max(elapsed, 1e-9)
+                    metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+                    metrics_file.flush()
+                    done = int(30 * step / max(run.steps, 1))
+                    log(
+                        f"[{'#' * done}{'.' * (30 - done)}] step {step}/{run.steps} "
+                        f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s"
+                    )
+                    window_start, window_images = time.perf_counter(), 0
+                if step % run.sample_every == 0:
+                    write_samples(step)
+        ckpt.save(state, force=True)
+        write_samples(step)
+        _loss_png(metrics_path, workdir / "loss.png")
+    log(f"done: {workdir} (samples/latest.png, loss.png, metrics.jsonl, checkpoints/)")
+    return state
+
+
+def _restored(workdir: str | os.PathLike, step: int | None):
+    config = load_config(workdir)
+    model = _model(config)
+    optimizer = train.default_optimizer(config.run.lr)
+    like = jax.eval_shape(lambda: _initial_state(config, model, optimizer, None))
+    state = checkpoint.restore(workdir, like, step=step, config=config.identity())
+    return config, model, state
+
+
+def sample_images(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    num: int = 64,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    seed: int = 0,
+    step: int | None = None,
+    overwrite: bool = False,
+) -> np.ndarray:
+    """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid) and the
+    uint8 array next to it (.npz). Returns the images."""
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'")
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    out = pathlib.Path(out)
+    targets = [out.with_suffix(".png"), out.with_suffix(".npz")]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{existing} exist; pass --force to replace them")
+    config, model, state = _restored(workdir, step)
+    if not 1 <= steps <= config.diffusion.timesteps:
+        raise ValueError(f"steps must be in [1, {config.diffusion.timesteps}], got {steps}")
+    run = _sample_fn(config, model, num, steps, eta, sampler)
+    images = _to_uint8(run(state.ema_params, jax.random.PRNGKey(seed)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _grid_png(images, targets[0])
+    np.savez_compressed(targets[1], images=images)
+    return images
+
+
+def evaluate_bpd(
+    workdir: str | os.PathLike,
+    *,
+    split: str = "test",
+    batch_size: int = 256,
+    seed: int = 0,
+    step: int | None = None,
+    at_init: bool = False,
+) -> dict[str, Any]:
+    """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
+    per batch, fixed-small variance). ``at_init`` evaluates the untrained network instead."""
+    config, model, state = _restored(workdir, step)
+    if at_init:
+        optimizer = train.default_optimizer(config.run.lr)
+        state = _initial_state(config, model, optimizer, None)
+    dataset = _dataset(config.data, split)
+    images = data.to_unit_range(dataset.get(np.arange(len(dataset))))
+    # The decoder term needs a finite variance at t = 0: improved-diffusion's beta-tilde_1, not
+    # denoising-diffusion-pytorch's floor of 1e-20 (which only sampling, where t = 0 adds no
+    # noise, can afford).
+    c = _coeffs(config.diffusion, convention="openai")
+
+    @jax.jit
+    def bpd(params, x, key):
+        return likelihood.calc_bpd_loop(
+            lambda x_t, t: model.apply(params, x_t, t),
+            c,
+            x,
+            key=key,
+            mean_type=config.diffusion.objective,
+            var_type="fixed_small",
+        )
+
+    totals, priors, decoders = [], [], []
+    for i in range(0, len(images), batch_size):
+        res = bpd(
+            state.ema_params, jnp.asarray(images[i : i + batch_size]), jax.random.PRNGKey(seed + i)
+        )
+        totals.append(np.asarray(res.total_bpd))
+        priors.append(np.asarray(res.prior_bpd))
+        decoders.append(np.asarray(res.vb[:, 0]))
+    return {
+        "bits_per_dim": float(np.mean(np.concatenate(totals))),
+        "prior_bpd": float(np.mean(np.concatenate(priors))),
+        "decoder_bpd": float(np.mean(np.concatenate(decoders))),
+        "split": split,
+        "images": int(len(images)),
+        "step": 0 if at_init else int(state.step),
+        "timesteps": config.diffusion.timesteps,
+    }
