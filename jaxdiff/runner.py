@@ -277,9 +277,15 @@ def _to_uint8(x) -> np.ndarray:
 
 def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
     """Keep only the lines up to the restored step: the steps a killed run logged after its
-    last checkpoint are run, and logged, again."""
+    last checkpoint are run, and logged, again (and a line torn by the kill is dropped)."""
     lines = path.read_text().splitlines() if path.exists() and keep_through is not None else []
-    kept = [line for line in lines if line and json.loads(line)["step"] <= keep_through]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= keep_through:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     path.write_text("".join(line + "\n" for line in kept))
 
 

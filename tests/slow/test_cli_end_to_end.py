@@ -98,7 +98,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert int(a.step) == int(b.step) == 120
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    steps_logged = [json.loads(r)["step"] for r in (killed / "metrics.jsonl").read_text().split()]
+    steps_logged = [
+        json.loads(r)["step"] for r in (killed / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps_logged == list(range(2, 121, 2)), steps_logged
     assert config == runner.load_config(killed)
 
