@@ -330,6 +330,8 @@ def train_and_evaluate(
     train_step = train.make_train_step(loss_fn, optimizer, mesh=mesh)
     state = _initial_state(config, model, optimizer, mesh)
 
+    # Every process computes; only the first writes files (Orbax coordinates the checkpoints).
+    main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     with checkpoint.Checkpoints(
         workdir, config=config.identity(), save_every=run.save_every, keep=run.keep
@@ -338,24 +340,33 @@ def train_and_evaluate(
         if start is not None:
             state = ckpt.restore(state, mesh=mesh)
             log(f"resumed from the checkpoint of step {start} in {workdir}")
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         metrics_path = workdir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, start)
+        if main:
+            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            _truncate_metrics(metrics_path, start)
         (workdir / "samples").mkdir(exist_ok=True)
         sample = _sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
         sample_key = jax.random.PRNGKey(run.seed + 1)
 
         def write_samples(step: int) -> None:
             images = _to_uint8(sample(state.ema_params, sample_key))
+            if not main:
+                return
             _grid_png(images, workdir / "samples" / f"step_{step}.png")
             _grid_png(images, workdir / "samples" / "latest.png")
 
         step = int(state.step)
         window_start, window_images = time.perf_counter(), 0
-        with metrics_path.open("a") as metrics_file:
+        with open(metrics_path if main else os.devnull, "a") as metrics_file:
             while step < run.steps:
                 batch = data.batch_at(
-                    dataset, step, run.batch_size, seed=run.seed, flip=config.data.flip
+                    dataset,
+                    step,
+                    run.batch_size,
+                    seed=run.seed,
+                    flip=config.data.flip,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
                 )
                 state, metrics = train_step(state, train.shard_batch(batch, mesh))
                 step += 1
@@ -377,7 +388,8 @@ def train_and_evaluate(
                     write_samples(step)
         ckpt.save(state, force=True)
         write_samples(step)
-        _loss_png(metrics_path, workdir / "loss.png")
+        if main:
+            _loss_png(metrics_path, workdir / "loss.png")
     log(f"done: {workdir} (samples/latest.png, loss.png, metrics.jsonl, checkpoints/)")
     return state
 
