@@ -187,12 +187,12 @@ def main() -> None:
         f"batch {args.batch} x 32x32x3, median of {args.repeats} (DDPM: 1 run)"
     )
     print(
-        "| sampler | PyTorch reference (s) | jaxdiff (s) | jaxdiff / reference "
+        "| sampler | PyTorch reference (s) | jaxdiff (s) | speed-up (reference / jaxdiff) "
         "| jaxdiff first call incl. compile (s) |"
     )
     print("|---|---|---|---|---|")
     for name, ref, ours, first in rows:
-        print(f"| {name} | {ref:.2f} | {ours:.2f} | {ours / ref:.2f} | {first:.2f} |")
+        print(f"| {name} | {ref:.2f} | {ours:.2f} | {ref / ours:.2f} | {first:.2f} |")
 
 
 if __name__ == "__main__":
