@@ -183,7 +183,7 @@ def continuous_sample(
     """
     objective = _check_objective(objective)
     if max_steps is None:
-        max_steps = samplers._static_int(num_steps)
+        max_steps = samplers._static(num_steps)
         if max_steps is None:
             raise ValueError("a traced num_steps needs a static max_steps")
     if max_steps < 1:

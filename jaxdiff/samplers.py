@@ -53,15 +53,16 @@ class SampleOutput(NamedTuple):
     pred_x0: jnp.ndarray | None
 
 
-def _static_int(value) -> int | None:
+def _static(value, kind=int):
+    """``kind(value)`` for a Python or concrete value; None for a traced one."""
     try:
-        return int(value)
+        return kind(value)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return None
 
 
 def _check_steps(num_steps, max_steps: int, what: str) -> None:
-    n = _static_int(num_steps)
+    n = _static(num_steps)
     if n is not None and not 1 <= n <= max_steps:
         raise ValueError(f"{what}: the number of steps must be in [1, {max_steps}], got {n}")
 
@@ -325,7 +326,7 @@ def ddim_sample(
     :func:`ddpm_grid` on a table respaced with ``"ddimN"`` or section counts gives
     improved-diffusion's ``ddim_sample_loop``.
     """
-    eta_value = _static_float(eta)
+    eta_value = _static(eta, float)
     if eta_value is not None and eta_value < 0:
         raise ValueError(f"eta must be >= 0 (0 is deterministic DDIM, 1 is DDPM-like), got {eta}")
     grid = ddpm_grid(c.num_timesteps) if grid is None else grid
@@ -353,13 +354,6 @@ def ddim_sample(
     return run_steps(step, x_T, grid, draw, return_trajectory)
 
 
-def _static_float(value) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def ddim_reverse_sample(
     model_fn: Callable[..., jnp.ndarray],
     c: DiffusionCoeffs,
@@ -375,9 +369,9 @@ def ddim_reverse_sample(
 ) -> SampleOutput:
     """Deterministic DDIM inversion: an image to the latent that DDIM (eta = 0) maps back to it.
 
-    Runs the grid's pairs backwards: from the image at the smallest time t_0 of the grid, each
-    step evaluates the network at (x, t_k) and moves to t_{k+1} with
-    :math:`x' = \\sqrt{\\bar\\alpha_{k+1}}\\hat x_0 + \\sqrt{1-\\bar\\alpha_{k+1}}\\hat\\epsilon`
+    Runs the grid's pairs backwards: the image stands at the grid's smallest time, and each
+    step evaluates the network at (x, t) and moves up to the next time t' of the grid with
+    :math:`x' = \\sqrt{\\bar\\alpha_{t'}}\\hat x_0 + \\sqrt{1-\\bar\\alpha_{t'}}\\hat\\epsilon`
     (improved-diffusion ``ddim_reverse_sample``, as a loop). The result starts
     :func:`ddim_sample` with the same grid.
     """
@@ -445,6 +439,6 @@ def interpolate(
     x1_t = gaussian.q_sample(c, x1, tb, q_noise[0])
     x2_t = gaussian.q_sample(c, x2, tb, q_noise[1])
     img = (1 - lam) * x1_t + lam * x2_t
-    static_t = _static_int(t)
+    static_t = _static(t)
     grid = ddpm_grid(c.num_timesteps, t, max_steps=static_t)
     return ddpm_sample(model_fn, c, img, key=key, noise=noise, grid=grid, **sample_kwargs).sample
