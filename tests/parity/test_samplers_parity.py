@@ -41,12 +41,14 @@ def model(case):
     p = params(case)
     if "V" not in p:
         return tanh_model(p)
-    base = tanh_model({k: p[k] for k in ("W", "b", "s")})
 
     def self_cond_model(x, time, x_self_cond):
-        # tanh(W x + V x_sc + b + s t): add V x_sc inside the tanh of the plain model
-        h = jnp.arctanh(jnp.clip(base(x, time), -1 + 1e-7, 1 - 1e-7))
-        return jnp.tanh(h + jnp.einsum("bhwc,oc->bhwo", x_self_cond, p["V"]))
+        """tanh(W x + V x_self_cond + b + s t), the reference's self-conditioning tanh model."""
+        h = jnp.einsum("bhwc,oc->bhwo", x, p["W"]) + jnp.einsum(
+            "bhwc,oc->bhwo", x_self_cond, p["V"]
+        )
+        h = h + p["b"][None, None, None, :]
+        return jnp.tanh(h + p["s"][None, None, None, :] * time[:, None, None, None])
 
     return self_cond_model
 
