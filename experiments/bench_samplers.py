@@ -15,10 +15,7 @@ the parity generator's import-only stand-ins). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -27,25 +24,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _reference import load_reference
 
 from jaxdiff import gaussian, samplers, schedules
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHANNELS, WIDTH, EMB = 3, 64, 32
-
-
-def load_reference():
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the reference's progress bars
-    spec = importlib.util.spec_from_file_location(
-        "generate_fixtures", ROOT / "tests/parity/generate_fixtures.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.install_stand_ins()
-    import torch
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import GaussianDiffusion
-
-    return torch, GaussianDiffusion
 
 
 def make_torch_net(torch):
@@ -111,7 +94,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch, GaussianDiffusion = load_reference()
+    torch, ddp = load_reference()
+    GaussianDiffusion = ddp.GaussianDiffusion
     net = make_torch_net(torch)
     shape = (args.batch, CHANNELS, 32, 32)
 

@@ -17,9 +17,7 @@ the parity generator's import-only stand-ins). Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import pathlib
 import platform
 import statistics
 import time
@@ -27,26 +25,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _reference import load_reference
 
 from jaxdiff.convert import torch_state_dict_to_flax
 from jaxdiff.models import PRESETS, unet_from_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRESET = "cifar-small"
 SIZE, CHANNELS, STEPS = 32, 3, 1000
-
-
-def load_reference():
-    spec = importlib.util.spec_from_file_location(
-        "generate_fixtures", ROOT / "tests/parity/generate_fixtures.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.install_stand_ins()
-    import torch
-    from denoising_diffusion_pytorch.denoising_diffusion_pytorch import Unet
-
-    return torch, Unet
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -64,7 +49,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    torch, TorchUnet = load_reference()
+    torch, ddp = load_reference()
+    TorchUnet = ddp.Unet
     torch.manual_seed(0)
     config = PRESETS[PRESET]
     net = TorchUnet(**config)
