@@ -17,6 +17,7 @@ curve into a workdir, and prints progress. Everything it computes comes from the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import checkpoint, data, gaussian, likelihood, samplers, schedules, train
+from jaxdiff.compilation import compiler_options
 from jaxdiff.models import Unet
 
 __all__ = [
@@ -251,7 +253,7 @@ def _sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sa
     size, channels = config.data.image_size, _channels(config.data)
     objective = config.diffusion.objective
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def run(params, key):
         x_T = jax.random.normal(jax.random.fold_in(key, 0), (num, size, size, channels))
 
@@ -459,7 +461,7 @@ def evaluate_bpd(
     # noise, can afford).
     c = _coeffs(config.diffusion, convention="openai")
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def bpd(params, x, key):
         return likelihood.calc_bpd_loop(
             lambda x_t, t: model.apply(params, x_t, t),

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdiff import continuous, gaussian, losses
+from jaxdiff.compilation import resolve_compiler_options
 from jaxdiff.gaussian import DiffusionCoeffs
 
 __all__ = [
@@ -369,6 +370,7 @@ def make_train_step(
     compute_dtype: Any = None,
     mesh: Mesh | None = None,
     donate: bool = True,
+    compiler_options: str | Mapping[str, Any] | None = "auto",
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
 
@@ -397,6 +399,9 @@ def make_train_step(
       mesh: data-parallel mesh (:func:`make_mesh`): the batch is sharded along its ``'data'``
         axis and the state replicated. None runs on the arrays' own devices.
       donate: donate the state's buffers to the step (the input state is invalid afterwards).
+      compiler_options: XLA options for the step's compile: ``"auto"`` for
+        :func:`jaxdiff.compilation.compiler_options` (faster CPU kernels), None for XLA's
+        defaults, or a dict.
 
     Returns:
       ``train_step``; its metrics are ``loss``, ``grad_norm`` (before clipping), ``ema_decay``,
@@ -480,7 +485,10 @@ def make_train_step(
         )
         return new_state, metrics
 
-    jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    jit_kwargs: dict[str, Any] = {
+        "donate_argnums": (0,) if donate else (),
+        "compiler_options": resolve_compiler_options(compiler_options),
+    }
     if mesh is not None:
         replicated = NamedSharding(mesh, P())
         jit_kwargs["in_shardings"] = (replicated, NamedSharding(mesh, P(DATA_AXIS)))

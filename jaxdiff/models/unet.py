@@ -229,53 +229,61 @@ class ResnetBlock(nn.Module):
         return h + x
 
 
-class QKVProjection(nn.Module):
-    """The bias-free 1x1 convolution to ``[q, k, v]``: one ``kernel [C, 3 * hidden]``.
+class _Params(nn.Module):
+    """A layer's parameters without its computation: ``(kernel [fan_in, features], bias)``.
 
-    Applied as three matmuls on the kernel's thirds rather than one matmul and three slices of
-    its (large) output: the same products and sums without the copies that XLA CPU made for the
-    slices and their gradients (``cifar-small`` forward+backward, batch 16, 2 CPU cores:
-    756 -> 556 ms; experiments/bench_unet.py).
+    Named and initialised like the ``nn.Dense`` it stands for (bias only with ``use_bias``), so
+    checkpoints and :mod:`jaxdiff.convert` see the same tree; the attention layers below apply
+    the kernels in per-head pieces.
     """
 
-    hidden: int
+    fan_in: int
+    features: int
+    use_bias: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self):
         kernel = self.param(
-            "kernel", _torch_kernel_init(), (x.shape[-1], 3 * self.hidden), jnp.float32
+            "kernel", _torch_kernel_init(), (self.fan_in, self.features), jnp.float32
         )
-        return tuple(
-            jnp.dot(x, kernel[:, i * self.hidden : (i + 1) * self.hidden]) for i in range(3)
-        )
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", _torch_bias_init(self.fan_in), (self.features,))
 
 
 class _AttentionBase(nn.Module):
+    """Shared parts of the two attention layers, computed head by head.
+
+    XLA on CPU turns every [B, N, heads, d] <-> [B, heads, N, d] transposition, and the
+    gradient of every slice of a wide projection, into a copy of the whole activation; at 32x32
+    those copies cost more than the attention's arithmetic. So every head gets its own
+    [B, N, d] projections from a column block of the (unchanged) ``to_qkv`` kernel, and each
+    per-head product is a plain batched matmul. ``cifar-small``, batch 16, forward + backward
+    on 2 CPU cores: 505 -> see experiments/bench.py.
+    """
+
     heads: int
     dim_head: int
     num_mem_kv: int
 
-    def _qkv(self, x):
-        """Pre-norm and project to q [B, N, h, d] and k, v [B, M + N, h, d], memory first."""
-        b, hh, ww, _ = x.shape
-        shape = (b, hh * ww, self.heads, self.dim_head)
-        x = RMSNorm(name="norm")(x)
-        q, k, v = (
-            a.reshape(shape) for a in QKVProjection(self.heads * self.dim_head, name="to_qkv")(x)
-        )
+    def _setup(self, x):
+        """Pre-norm; return the normalised [B, N, C] input, the to_qkv kernel and the memory
+        key/values [2, heads, M, d]."""
+        b, hh, ww, c = x.shape
+        x = RMSNorm(name="norm")(x).reshape(b, hh * ww, c)
+        kernel, _ = _Params(c, 3 * self.heads * self.dim_head, False, name="to_qkv")()
         mem = self.param(
             "mem_kv",
             nn.initializers.normal(1.0),
             (2, self.heads, self.num_mem_kv, self.dim_head),
             jnp.float32,
         )
-        mem = jnp.broadcast_to(
-            jnp.transpose(mem, (0, 2, 1, 3))[:, None],
-            (2, b, self.num_mem_kv, self.heads, self.dim_head),
-        )
-        k = jnp.concatenate([mem[0], k], axis=1)
-        v = jnp.concatenate([mem[1], v], axis=1)
-        return q, k, v
+        return x, kernel, mem
+
+    def _project(self, x, kernel, which: int, head: int):
+        """q (which=0), k (1) or v (2) of one head: [B, N, d]."""
+        start = (which * self.heads + head) * self.dim_head
+        return jnp.dot(x, kernel[:, start : start + self.dim_head])
 
 
 class LinearAttention(_AttentionBase):
@@ -287,18 +295,41 @@ class LinearAttention(_AttentionBase):
         \\mathrm{out}_{n e} = \\sum_d q_{n d} \\sum_m k_{m d} v_{m e}
 
     followed by a 1x1 convolution and an RMSNorm. The residual is added by the caller.
+
+    Computed as ``out = q_all @ W`` with ``W[b] = concat_h(context_h[b] @ to_out_h)``, a
+    [heads * d, C] matrix per image: the per-head outputs are never formed, and the softmax of
+    q over d works on a free [B, N, heads, d] view of one projection.
     """
 
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape
-        q, k, v = self._qkv(x)
-        q = jax.nn.softmax(q, axis=-1) * self.dim_head**-0.5
-        k = jax.nn.softmax(k, axis=1)
-        context = jnp.einsum("bnhd,bnhe->bhde", k, v)
-        out = jnp.einsum("bhde,bnhd->bnhe", context, q)
-        out = out.reshape(b, hh, ww, self.heads * self.dim_head)
-        out = _dense(c, out.shape[-1], "to_out")(out)
+        hidden = self.heads * self.dim_head
+        x, kernel, mem = self._setup(x)
+        out_kernel, out_bias = _Params(hidden, c, name="to_out")()
+        q = jnp.dot(x, kernel[:, :hidden]).reshape(b, hh * ww, self.heads, self.dim_head)
+        q = (jax.nn.softmax(q, axis=-1) * self.dim_head**-0.5).reshape(b, hh * ww, hidden)
+        mixed = []
+        for h in range(self.heads):
+            k = self._project(x, kernel, 1, h)
+            v = self._project(x, kernel, 2, h)
+            mem_k, mem_v = mem[0, h], mem[1, h]  # [M, d]
+            # softmax of k over the memory slots and the N pixels together, without
+            # concatenating them: shared maximum, one normaliser.
+            peak = jnp.maximum(
+                jnp.max(k, axis=1, keepdims=True), jnp.max(mem_k, axis=0)[None, None]
+            )
+            weight = jnp.exp(k - peak)
+            mem_weight = jnp.exp(mem_k[None] - peak)  # [B, M, d]
+            total = jnp.sum(weight, axis=1) + jnp.sum(mem_weight, axis=1)  # [B, d]
+            context = jnp.einsum("bnd,bne->bde", weight, v) + jnp.einsum(
+                "bmd,me->bde", mem_weight, mem_v
+            )
+            context = context / total[:, :, None]
+            rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
+            mixed.append(jnp.einsum("bde,ec->bdc", context, rows))
+        out = jnp.einsum("bni,bic->bnc", q, jnp.concatenate(mixed, axis=1))
+        out = (out + out_bias[None, None]).reshape(b, hh, ww, c)
         return RMSNorm(name="to_out_norm")(out)
 
 
@@ -311,10 +342,19 @@ class Attention(_AttentionBase):
     @nn.compact
     def __call__(self, x):
         b, hh, ww, c = x.shape
-        q, k, v = self._qkv(x)
-        out = jax.nn.dot_product_attention(q, k, v)
-        out = out.reshape(b, hh, ww, self.heads * self.dim_head)
-        return _dense(c, out.shape[-1], "to_out")(out)
+        x, kernel, mem = self._setup(x)
+        out_kernel, out_bias = _Params(self.heads * self.dim_head, c, name="to_out")()
+        out = out_bias[None, None]
+        for h in range(self.heads):
+            q = self._project(x, kernel, 0, h) * self.dim_head**-0.5
+            k = self._project(x, kernel, 1, h)
+            v = self._project(x, kernel, 2, h)
+            k = jnp.concatenate([jnp.broadcast_to(mem[0, h], (b, *mem.shape[2:])), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(mem[1, h], (b, *mem.shape[2:])), v], axis=1)
+            weights = jax.nn.softmax(jnp.einsum("bnd,bmd->bnm", q, k), axis=-1)
+            rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
+            out = out + jnp.dot(jnp.einsum("bnm,bmd->bnd", weights, v), rows)
+        return out.reshape(b, hh, ww, c)
 
 
 def _attention(spec: StageSpec, num_mem_kv: int):
