@@ -108,23 +108,25 @@ def _torch_bias_init(fan_in: int):
     return init
 
 
-def _dense(features: int, fan_in: int, name: str, use_bias: bool = True) -> nn.Dense:
-    """A Linear layer, or a 1x1 convolution on channels-last input."""
+def _dense(features: int, fan_in: int, name: str, dtype: Any = None) -> nn.Dense:
+    """A Linear layer, or a 1x1 convolution on channels-last input, computing in ``dtype``
+    (None: float32) with float32 parameters."""
     return nn.Dense(
         features,
-        use_bias=use_bias,
+        dtype=dtype,
         kernel_init=_torch_kernel_init(),
         bias_init=_torch_bias_init(fan_in),
         name=name,
     )
 
 
-def _conv(features: int, size: int, fan_in_channels: int, name: str) -> nn.Conv:
+def _conv(features: int, size: int, fan_in_channels: int, name: str, dtype: Any = None) -> nn.Conv:
     """A stride-1 ``size x size`` convolution with the reference's symmetric zero padding."""
     pad = size // 2
     return nn.Conv(
         features,
         (size, size),
+        dtype=dtype,
         padding=((pad, pad), (pad, pad)),
         kernel_init=_torch_kernel_init(),
         bias_init=_torch_bias_init(fan_in_channels * size * size),
@@ -141,15 +143,18 @@ class RMSNorm(nn.Module):
     """``x / max(||x||_2, 1e-12) * g * sqrt(C)``, the norm over the channel axis (last).
 
     The reference's ``RMSNorm``: an L2 normalisation (``F.normalize``) times a learned gain and
-    sqrt(C); no mean is subtracted and there is no epsilon inside the square root.
+    sqrt(C); no mean is subtracted and there is no epsilon inside the square root. Computed in
+    float32 whatever the input's dtype, and returned in that dtype.
     """
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         g = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-        norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-        return x / jnp.maximum(norm, _NORM_EPS) * _channels_last(g, x.ndim) * math.sqrt(channels)
+        xf = x.astype(jnp.float32)
+        norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
+        y = xf / jnp.maximum(norm, _NORM_EPS) * _channels_last(g, x.ndim) * math.sqrt(channels)
+        return y.astype(x.dtype)
 
 
 def sinusoidal_embedding(time: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
@@ -194,10 +199,11 @@ class Block(nn.Module):
 
     features: int
     dropout: float = 0.0
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x, scale_shift=None, *, train: bool = False):
-        x = _conv(self.features, 3, x.shape[-1], "proj")(x)
+        x = _conv(self.features, 3, x.shape[-1], "proj", self.dtype)(x)
         x = RMSNorm(name="norm")(x)
         if scale_shift is not None:
             scale, shift = scale_shift
@@ -212,21 +218,31 @@ class ResnetBlock(nn.Module):
     """Two Blocks, the first modulated by the time embedding, plus a (1x1-projected) shortcut.
 
     ``(scale, shift) = split(Dense(SiLU(t_emb)))``, scale first; dropout only in the first Block.
+    ``train`` is positional so that :func:`flax.linen.remat` can treat it as static.
     """
 
     features: int
     dropout: float = 0.0
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x, t_emb, *, train: bool = False):
-        ss = _dense(2 * self.features, t_emb.shape[-1], "mlp")(nn.silu(t_emb))
+    def __call__(self, x, t_emb, train: bool = False):
+        ss = _dense(2 * self.features, t_emb.shape[-1], "mlp", self.dtype)(nn.silu(t_emb))
         ss = ss[:, None, None, :]
         scale_shift = (ss[..., : self.features], ss[..., self.features :])
-        h = Block(self.features, self.dropout, name="block1")(x, scale_shift, train=train)
-        h = Block(self.features, name="block2")(h)
+        h = Block(self.features, self.dropout, self.dtype, name="block1")(
+            x, scale_shift, train=train
+        )
+        h = Block(self.features, dtype=self.dtype, name="block2")(h)
         if x.shape[-1] != self.features:
-            x = _dense(self.features, x.shape[-1], "res_conv")(x)
+            x = _dense(self.features, x.shape[-1], "res_conv", self.dtype)(x)
         return h + x
+
+
+def _resnet_block(remat: bool):
+    """ResnetBlock, or its rematerialised version (activations recomputed in the backward
+    pass instead of stored)."""
+    return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
 
 
 class _Params(nn.Module):
@@ -265,6 +281,7 @@ class _AttentionBase(nn.Module):
     heads: int
     dim_head: int
     num_mem_kv: int
+    dtype: Any = None
 
     def _setup(self, x):
         """Pre-norm; return the normalised [B, N, C] input, the to_qkv kernel and the memory
@@ -278,7 +295,7 @@ class _AttentionBase(nn.Module):
             (2, self.heads, self.num_mem_kv, self.dim_head),
             jnp.float32,
         )
-        return x, kernel, mem
+        return x, kernel.astype(x.dtype), mem.astype(x.dtype)
 
     def _project(self, x, kernel, which: int, head: int):
         """q (which=0), k (1) or v (2) of one head: [B, N, d]."""
@@ -307,13 +324,15 @@ class LinearAttention(_AttentionBase):
         hidden = self.heads * self.dim_head
         x, kernel, mem = self._setup(x)
         out_kernel, out_bias = _Params(hidden, c, name="to_out")()
+        out_kernel, out_bias = out_kernel.astype(x.dtype), out_bias.astype(x.dtype)
         q = jnp.dot(x, kernel[:, :hidden]).reshape(b, hh * ww, self.heads, self.dim_head)
-        q = (jax.nn.softmax(q, axis=-1) * self.dim_head**-0.5).reshape(b, hh * ww, hidden)
+        q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.dim_head**-0.5
+        q = q.astype(x.dtype).reshape(b, hh * ww, hidden)
         mixed = []
         for h in range(self.heads):
-            k = self._project(x, kernel, 1, h)
+            k = self._project(x, kernel, 1, h).astype(jnp.float32)
             v = self._project(x, kernel, 2, h)
-            mem_k, mem_v = mem[0, h], mem[1, h]  # [M, d]
+            mem_k, mem_v = mem[0, h].astype(jnp.float32), mem[1, h]  # [M, d]
             # softmax of k over the memory slots and the N pixels together, without
             # concatenating them: shared maximum, one normaliser.
             peak = jnp.maximum(
@@ -322,10 +341,10 @@ class LinearAttention(_AttentionBase):
             weight = jnp.exp(k - peak)
             mem_weight = jnp.exp(mem_k[None] - peak)  # [B, M, d]
             total = jnp.sum(weight, axis=1) + jnp.sum(mem_weight, axis=1)  # [B, d]
-            context = jnp.einsum("bnd,bne->bde", weight, v) + jnp.einsum(
-                "bmd,me->bde", mem_weight, mem_v
+            context = jnp.einsum("bnd,bne->bde", weight.astype(v.dtype), v) + jnp.einsum(
+                "bmd,me->bde", mem_weight.astype(v.dtype), mem_v
             )
-            context = context / total[:, :, None]
+            context = (context.astype(jnp.float32) / total[:, :, None]).astype(x.dtype)
             rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
             mixed.append(jnp.einsum("bde,ec->bdc", context, rows))
         out = jnp.einsum("bni,bic->bnc", q, jnp.concatenate(mixed, axis=1))
@@ -344,6 +363,7 @@ class Attention(_AttentionBase):
         b, hh, ww, c = x.shape
         x, kernel, mem = self._setup(x)
         out_kernel, out_bias = _Params(self.heads * self.dim_head, c, name="to_out")()
+        out_kernel, out_bias = out_kernel.astype(x.dtype), out_bias.astype(x.dtype)
         out = out_bias[None, None]
         for h in range(self.heads):
             q = self._project(x, kernel, 0, h) * self.dim_head**-0.5
@@ -351,15 +371,17 @@ class Attention(_AttentionBase):
             v = self._project(x, kernel, 2, h)
             k = jnp.concatenate([jnp.broadcast_to(mem[0, h], (b, *mem.shape[2:])), k], axis=1)
             v = jnp.concatenate([jnp.broadcast_to(mem[1, h], (b, *mem.shape[2:])), v], axis=1)
-            weights = jax.nn.softmax(jnp.einsum("bnd,bmd->bnm", q, k), axis=-1)
+            logits = jnp.einsum("bnd,bmd->bnm", q, k).astype(jnp.float32)
+            weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
             rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
             out = out + jnp.dot(jnp.einsum("bnm,bmd->bnd", weights, v), rows)
         return out.reshape(b, hh, ww, c)
 
 
-def _attention(spec: StageSpec, num_mem_kv: int):
+def _attention(spec: StageSpec, num_mem_kv: int, dtype: Any, remat: bool):
     cls = Attention if spec.full_attn else LinearAttention
-    return cls(spec.heads, spec.dim_head, num_mem_kv, name="attn")
+    cls = nn.remat(cls) if remat else cls
+    return cls(spec.heads, spec.dim_head, num_mem_kv, dtype, name="attn")
 
 
 def space_to_depth(x: jax.Array) -> jax.Array:
@@ -387,19 +409,23 @@ class DownStage(nn.Module):
     is_last: bool
     dropout: float
     num_mem_kv: int
+    dtype: Any = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, t_emb, *, train: bool = False):
         spec = self.spec
-        x = ResnetBlock(spec.dim_in, self.dropout, name="block1")(x, t_emb, train=train)
+        block = _resnet_block(self.remat)
+        x = block(spec.dim_in, self.dropout, self.dtype, name="block1")(x, t_emb, train)
         skip1 = x
-        x = ResnetBlock(spec.dim_in, self.dropout, name="block2")(x, t_emb, train=train)
-        x = _attention(spec, self.num_mem_kv)(x) + x
+        x = block(spec.dim_in, self.dropout, self.dtype, name="block2")(x, t_emb, train)
+        x = _attention(spec, self.num_mem_kv, self.dtype, self.remat)(x) + x
         skip2 = x
         if self.is_last:
-            x = _conv(spec.dim_out, 3, spec.dim_in, "downsample")(x)
+            x = _conv(spec.dim_out, 3, spec.dim_in, "downsample", self.dtype)(x)
         else:
-            x = _dense(spec.dim_out, 4 * spec.dim_in, "downsample")(space_to_depth(x))
+            x = space_to_depth(x)
+            x = _dense(spec.dim_out, 4 * spec.dim_in, "downsample", self.dtype)(x)
         return x, (skip1, skip2)
 
 
@@ -410,19 +436,22 @@ class UpStage(nn.Module):
     is_last: bool
     dropout: float
     num_mem_kv: int
+    dtype: Any = None
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, skips, t_emb, *, train: bool = False):
         spec = self.spec
         skip1, skip2 = skips
         x = jnp.concatenate([x, skip2], axis=-1)
-        x = ResnetBlock(spec.dim_out, self.dropout, name="block1")(x, t_emb, train=train)
+        block = _resnet_block(self.remat)
+        x = block(spec.dim_out, self.dropout, self.dtype, name="block1")(x, t_emb, train)
         x = jnp.concatenate([x, skip1], axis=-1)
-        x = ResnetBlock(spec.dim_out, self.dropout, name="block2")(x, t_emb, train=train)
-        x = _attention(spec, self.num_mem_kv)(x) + x
+        x = block(spec.dim_out, self.dropout, self.dtype, name="block2")(x, t_emb, train)
+        x = _attention(spec, self.num_mem_kv, self.dtype, self.remat)(x) + x
         if not self.is_last:
             x = upsample_nearest(x)
-        return _conv(spec.dim_in, 3, spec.dim_out, "upsample")(x)
+        return _conv(spec.dim_in, 3, spec.dim_out, "upsample", self.dtype)(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,6 +498,13 @@ class Unet(nn.Module):
         The middle attention is always full, with the innermost stage's heads and dim_head.
       flash_attn: accepted for configuration compatibility; the math is the same either way.
       num_mem_kv: memory key/value slots per attention layer (fixed at 4 in the reference).
+
+    Execution options (not the reference's; they change no parameter):
+      dtype: the computation dtype, e.g. ``"bfloat16"`` (None: float32). Convolutions, dense
+        layers and attention products run in it; parameters stay float32 (Flax casts them per
+        layer), norms and softmaxes compute in float32, and the output is float32.
+      remat: recompute every ResNet block's and attention layer's activations in the backward
+        pass instead of storing them (``flax.linen.remat``): less memory, more compute.
     """
 
     dim: int
@@ -488,6 +524,8 @@ class Unet(nn.Module):
     full_attn: bool | tuple[bool, ...] | None = None
     flash_attn: bool = False
     num_mem_kv: int = 4
+    dtype: Any = None
+    remat: bool = False
 
     def __post_init__(self):
         # JSON configs carry lists; module fields must stay hashable.
@@ -545,6 +583,24 @@ class Unet(nn.Module):
         full = self._full_attn()
         if not all(isinstance(f, bool) for f in full):
             raise ValueError(f"full_attn must be None, a bool or bools, got {self.full_attn!r}")
+        self.compute_dtype  # noqa: B018 - validates dtype
+        if not isinstance(self.remat, bool):
+            raise ValueError(f"remat must be a bool, got {self.remat!r}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The computation dtype (``dtype``, float32 when None)."""
+        if self.dtype is None:
+            return jnp.dtype(jnp.float32)
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"dtype must be None or a floating dtype such as 'bfloat16', got {self.dtype!r}"
+            )
+        return dtype
 
     # ------------------------------------------------------------------ derived configuration
 
@@ -656,10 +712,11 @@ class Unet(nn.Module):
             with ``self_condition=True``.
           train: enables dropout, drawn from the ``'dropout'`` rng collection.
         """
-        x = jnp.asarray(x, jnp.float32)
+        dtype = self.compute_dtype
+        x = jnp.asarray(x, jnp.float32).astype(dtype)
         time = jnp.asarray(time)
         if x_self_cond is not None:
-            x_self_cond = jnp.asarray(x_self_cond, jnp.float32)
+            x_self_cond = jnp.asarray(x_self_cond, jnp.float32).astype(dtype)
         self._check_inputs(x, time, x_self_cond)
         time = jnp.broadcast_to(time.astype(jnp.float32), (x.shape[0],))
 
@@ -669,7 +726,7 @@ class Unet(nn.Module):
             x = jnp.concatenate([x_self_cond, x], axis=-1)
 
         init_dim = self.resolved_init_dim
-        x = _conv(init_dim, 7, self.input_channels, "init_conv")(x)
+        x = _conv(init_dim, 7, self.input_channels, "init_conv", dtype)(x)
         r = x
 
         if self.random_or_learned_sinusoidal_cond:
@@ -678,41 +735,69 @@ class Unet(nn.Module):
             )(time)
         else:
             emb = sinusoidal_embedding(time, self.dim, self.sinusoidal_pos_emb_theta)
-        t = _dense(self.time_dim, self.fourier_dim, "time_mlp_in")(emb)
+        t = _dense(self.time_dim, self.fourier_dim, "time_mlp_in", dtype)(emb)
         t = nn.gelu(t, approximate=False)
-        t = _dense(self.time_dim, self.time_dim, "time_mlp_out")(t)
+        t = _dense(self.time_dim, self.time_dim, "time_mlp_out", dtype)(t)
 
         specs = self.stages()
         num = len(specs)
         skips = []
         for i, spec in enumerate(specs):
-            stage = DownStage(spec, i == num - 1, self.dropout, self.num_mem_kv, name=f"downs_{i}")
+            stage = DownStage(
+                spec,
+                i == num - 1,
+                self.dropout,
+                self.num_mem_kv,
+                self.dtype,
+                self.remat,
+                name=f"downs_{i}",
+            )
             x, stage_skips = stage(x, t, train=train)
             skips.append(stage_skips)
 
         mid = specs[-1].dim_out
         mid_spec = specs[-1]._replace(full_attn=True)
-        x = ResnetBlock(mid, self.dropout, name="mid_block1")(x, t, train=train)
-        x = Attention(mid_spec.heads, mid_spec.dim_head, self.num_mem_kv, name="mid_attn")(x) + x
-        x = ResnetBlock(mid, self.dropout, name="mid_block2")(x, t, train=train)
+        block = _resnet_block(self.remat)
+        attention = nn.remat(Attention) if self.remat else Attention
+        x = block(mid, self.dropout, self.dtype, name="mid_block1")(x, t, train)
+        x = (
+            attention(
+                mid_spec.heads, mid_spec.dim_head, self.num_mem_kv, self.dtype, name="mid_attn"
+            )(x)
+            + x
+        )
+        x = block(mid, self.dropout, self.dtype, name="mid_block2")(x, t, train)
 
         for j, spec in enumerate(reversed(specs)):
-            stage = UpStage(spec, j == num - 1, self.dropout, self.num_mem_kv, name=f"ups_{j}")
+            stage = UpStage(
+                spec,
+                j == num - 1,
+                self.dropout,
+                self.num_mem_kv,
+                self.dtype,
+                self.remat,
+                name=f"ups_{j}",
+            )
             x = stage(x, skips.pop(), t, train=train)
 
         x = jnp.concatenate([x, r], axis=-1)
-        x = ResnetBlock(init_dim, self.dropout, name="final_res_block")(x, t, train=train)
-        return _dense(self.resolved_out_dim, init_dim, "final_conv")(x)
+        x = block(init_dim, self.dropout, self.dtype, name="final_res_block")(x, t, train)
+        out = _dense(self.resolved_out_dim, init_dim, "final_conv", self.dtype)(x)
+        return out.astype(jnp.float32)
 
 
-def unet_from_config(config: Mapping[str, Any] | str | Unet) -> Unet:
+def unet_from_config(config: Mapping[str, Any] | str | Unet, **options) -> Unet:
     """A :class:`Unet` from a dict of the reference's constructor arguments, a JSON string, a
-    preset name (see ``PRESETS``) or a Unet (returned as it is).
+    preset name (see ``PRESETS``) or a Unet (returned as it is, or with ``options`` replaced).
 
-    Unknown keys raise a ``ValueError`` naming them; lists become tuples.
+    ``options`` are the execution options ``dtype`` and ``remat``. Unknown keys raise a
+    ``ValueError`` naming them; lists become tuples.
     """
+    unknown = sorted(set(options) - {"dtype", "remat"})
+    if unknown:
+        raise ValueError(f"unknown Unet execution option(s) {unknown}; they are dtype and remat")
     if isinstance(config, Unet):
-        return config
+        return config.clone(**options) if options else config
     if isinstance(config, str):
         if config in PRESETS:
             config = PRESETS[config]
@@ -734,4 +819,4 @@ def unet_from_config(config: Mapping[str, Any] | str | Unet) -> Unet:
     if "dim" not in config:
         raise ValueError("a Unet config needs 'dim'")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return Unet(**kwargs)
+    return Unet(**kwargs, **options)

@@ -213,11 +213,75 @@ def test_bad_time_and_self_condition_inputs(tiny):
         ({"dim": 8, "channels": 0}, "channels"),
         ({"dim": 8, "init_dim": 0}, "init_dim"),
         ({"dim": 8, "num_mem_kv": -1}, "num_mem_kv"),
+        ({"dim": 8, "dtype": "int8"}, "floating dtype"),
+        ({"dim": 8, "dtype": "fp8-ish"}, "floating dtype"),
+        ({"dim": 8, "remat": "yes"}, "remat must be a bool"),
     ],
 )
 def test_bad_options_are_rejected_at_construction(options, match):
     with pytest.raises(ValueError, match=match):
         Unet(**options)
+
+
+# bfloat16 keeps 8 significant bits; through a dozen layers the output of the tiny network
+# moves by a few percent of its scale.
+BF16_OUTPUT_RTOL = 5e-2
+
+
+def _with_dropout_key(unet, variables, x, t):
+    return unet.apply(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
+
+
+def test_remat_changes_neither_parameters_nor_values_nor_gradients():
+    config = {**TINY, "dropout": 0.1, "full_attn": (False, True)}
+    plain = unet_from_config(config)
+    remat = unet_from_config(config, remat=True)
+    x, t = _inputs(plain)
+    variables = plain.init(jax.random.PRNGKey(0), x, t)
+    _assert_trees_equal(variables, remat.init(jax.random.PRNGKey(0), x, t))
+
+    def loss(unet):
+        return lambda v: jnp.sum(jnp.square(_with_dropout_key(unet, v, x, t)))
+
+    value, grads = jax.jit(jax.value_and_grad(loss(plain)))(variables)
+    value_r, grads_r = jax.jit(jax.value_and_grad(loss(remat)))(variables)
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    # the recomputed forward is the same program, fused differently: float32 round-off
+    # relative to each gradient's scale
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(np.abs(b))),
+        grads_r,
+        grads,
+    )
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_output():
+    plain = unet_from_config(TINY)
+    half = unet_from_config(TINY, dtype="bfloat16")
+    x, t = _inputs(plain)
+    variables = plain.init(jax.random.PRNGKey(0), x, t)
+    _assert_trees_equal(variables, half.init(jax.random.PRNGKey(0), x, t))
+    want = plain.apply(variables, x, t)
+    got = half.apply(variables, x, t)
+    assert got.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(want)))
+    assert 0 < float(jnp.max(jnp.abs(got - want))) < BF16_OUTPUT_RTOL * scale
+    # the convolutions really run in bfloat16
+    hlo = jax.jit(half.apply).lower(variables, x, t).as_text()
+    assert "bf16" in hlo and "convolution" in hlo
+    assert all(
+        "bf16" in line.rsplit("->", 1)[1]
+        for line in hlo.splitlines()
+        if "stablehlo.convolution" in line
+    )
+    grads = jax.grad(lambda v: jnp.sum(jnp.square(half.apply(v, x, t))))(variables)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_unknown_execution_option_is_named():
+    with pytest.raises(ValueError, match="unknown Unet execution option"):
+        unet_from_config(TINY, precision="high")
 
 
 def test_configs_from_json_and_presets():
