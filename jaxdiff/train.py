@@ -371,6 +371,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     donate: bool = True,
     compiler_options: str | Mapping[str, Any] | None = "auto",
+    steps_per_call: int = 1,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
 
@@ -402,6 +403,10 @@ def make_train_step(
       compiler_options: XLA options for the step's compile: ``"auto"`` for
         :func:`jaxdiff.compilation.compiler_options` (faster CPU kernels), None for XLA's
         defaults, or a dict.
+      steps_per_call: K >= 1 train steps per call, run by one ``lax.scan`` in one dispatch
+        (for small models on accelerators, where launching a step costs more than running
+        it). The batch then has a leading axis of K (one batch per step, ``[K, B, ...]``) and
+        every metric one value per step ``[K]``; the result equals K single-step calls.
 
     Returns:
       ``train_step``; its metrics are ``loss``, ``grad_norm`` (before clipping), ``ema_decay``,
@@ -410,6 +415,8 @@ def make_train_step(
     """
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
     decay_fn = _decay_fn(ema)
@@ -485,18 +492,33 @@ def make_train_step(
         )
         return new_state, metrics
 
+    def multi_step_fn(state: TrainState, batches: Any):
+        return jax.lax.scan(step_fn, state, batches)
+
     jit_kwargs: dict[str, Any] = {
         "donate_argnums": (0,) if donate else (),
         "compiler_options": resolve_compiler_options(compiler_options),
     }
     if mesh is not None:
         replicated = NamedSharding(mesh, P())
-        jit_kwargs["in_shardings"] = (replicated, NamedSharding(mesh, P(DATA_AXIS)))
+        batch_spec = P(DATA_AXIS) if steps_per_call == 1 else P(None, DATA_AXIS)
+        jit_kwargs["in_shardings"] = (replicated, NamedSharding(mesh, batch_spec))
         jit_kwargs["out_shardings"] = (replicated, replicated)
-    compiled = jax.jit(step_fn, **jit_kwargs)
+    compiled = jax.jit(step_fn if steps_per_call == 1 else multi_step_fn, **jit_kwargs)
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        _check_batch(batch, num_devices, grad_accum_steps)
+        if steps_per_call > 1:
+            leading = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
+            if leading != {steps_per_call}:
+                raise ValueError(
+                    f"with steps_per_call={steps_per_call} every leaf of the batch needs a "
+                    f"leading axis of {steps_per_call} (one batch per step), got {leading}"
+                )
+            # the shape of one step's batch, without touching the data
+            one = jax.tree.map(lambda x: np.broadcast_to(np.int8(0), np.shape(x)[1:]), batch)
+            _check_batch(one, num_devices, grad_accum_steps)
+        else:
+            _check_batch(batch, num_devices, grad_accum_steps)
         return compiled(state, batch)
 
     train_step.jitted = compiled  # for .lower() / cost analysis

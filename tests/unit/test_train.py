@@ -206,6 +206,32 @@ def test_gradient_accumulation_equals_the_big_batch():
     assert "learning_rate" not in big_metrics  # plain sgd has no injected hyperparameter
 
 
+def test_several_steps_per_call_equal_single_steps(digits):
+    params = _init()
+    optimizer = train.default_optimizer(1e-3)
+    loss_fn = train.diffusion_loss_fn(TinyNet().apply, _coeffs())
+    batches = np.stack([data.batch_at(digits, i, 8, seed=0) for i in range(3)])
+    single = train.make_train_step(loss_fn, optimizer)
+    multi = train.make_train_step(loss_fn, optimizer, steps_per_call=3)
+    state = train.create_train_state(params, optimizer, jax.random.PRNGKey(4))
+    losses = []
+    for batch in batches:
+        state, metrics = single(state, batch)
+        losses.append(metrics["loss"])
+    state_multi, metrics_multi = multi(
+        train.create_train_state(params, optimizer, jax.random.PRNGKey(4)), batches
+    )
+    assert metrics_multi["loss"].shape == (3,)
+    np.testing.assert_allclose(metrics_multi["loss"], np.stack(losses), rtol=1e-6)
+    assert int(state_multi.step) == 3
+    for a, b in zip(jax.tree.leaves(state_multi), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="leading axis of 3"):
+        multi(state_multi, batches[:2])
+    with pytest.raises(ValueError, match="steps_per_call must be"):
+        train.make_train_step(loss_fn, optimizer, steps_per_call=0)
+
+
 def test_bf16_compute_keeps_float32_state_and_self_conditioning_runs(digits):
     params = _init(self_condition=True)
     optimizer = train.default_optimizer()
@@ -300,6 +326,17 @@ for devices in (8, 1):
         "devices": len(state.params["params"]["Dense_0"]["kernel"].sharding.device_set),
     }}
     if devices == 8:
+        # the same three steps in one call, the batch [3, 16, ...] sharded along its axis 1
+        multi = train.make_train_step(
+            loss_fn, optimizer, ema=ema, grad_accum_steps=2, mesh=mesh, steps_per_call=3
+        )
+        stacked = np.stack([data.batch_at(digits, i, 16, seed=0) for i in range(3)])
+        start = train.create_train_state(params, optimizer, jax.random.PRNGKey(1), mesh=mesh)
+        in_one_call, _ = multi(start, stacked)
+        out["multi_max_diff"] = max(
+            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+            for a, b in zip(jax.tree.leaves(in_one_call), jax.tree.leaves(state), strict=True)
+        )
         checkpoint.save(workdir, state, config={{"devices": "any"}})
         errors = []
         for call in (
@@ -360,6 +397,7 @@ def test_eight_devices_match_one_device_and_checkpoints_move_between_them(tmp_pa
         )
     for a, b in zip(eight["leaves"], one["leaves"], strict=True):
         np.testing.assert_allclose(a, b, rtol=DATA_PARALLEL_RTOL, atol=DATA_PARALLEL_ATOL)
+    assert out["multi_max_diff"] < DATA_PARALLEL_ATOL
     first, second = out["errors"]
     assert "global batch size 12 is not divisible by the device count 8" in first
     assert "global batch size 12 is not divisible by the device count 8" in second
