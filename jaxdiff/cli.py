@@ -60,7 +60,8 @@ def _fail(command: str, error: Exception) -> int:
     return 1
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """The preset named by ``--preset`` with every given flag applied."""
     from jaxdiff import runner
 
     config = runner.PRESETS[args.preset]
@@ -78,6 +79,13 @@ def _train(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, data=dataclasses.replace(config.data, dataset="folder")
         )
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxdiff import runner
+
+    config = _train_config(args)
     workdir = args.workdir or Path("runs") / args.preset
     try:
         runner.train_and_evaluate(config, workdir)

@@ -51,13 +51,16 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net (denoising-diffusion-pytorch ``Unet`` options)."""
+    """The U-Net (denoising-diffusion-pytorch ``Unet`` options, and jaxdiff's execution
+    options ``dtype``, the computation dtype, and ``remat``)."""
 
     dim: int = 16
     dim_mults: tuple[int, ...] = (1, 2, 2)
     dropout: float = 0.0
     attn_heads: int = 4
     attn_dim_head: int = 32
+    dtype: str = "float32"
+    remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +190,8 @@ def _model(config: Config) -> Unet:
         dropout=m.dropout,
         attn_heads=m.attn_heads,
         attn_dim_head=m.attn_dim_head,
+        dtype=None if m.dtype == "float32" else m.dtype,
+        remat=m.remat,
     )
 
 

@@ -250,6 +250,19 @@ def test_bf16_compute_keeps_float32_state_and_self_conditioning_runs(digits):
     np.testing.assert_allclose(float(metrics["loss"]), float(full), rtol=BF16_LOSS_RTOL)
 
 
+def test_cli_model_dtype_and_remat_reach_the_unet():
+    from jaxdiff import cli, runner
+
+    parser = cli.build_parser()
+    default = runner._model(cli._train_config(parser.parse_args(["train"])))
+    assert default.dtype is None and default.remat is False
+    args = parser.parse_args(["train", "--dtype", "bfloat16", "--remat"])
+    unet = runner._model(cli._train_config(args))
+    assert unet.compute_dtype == jnp.bfloat16 and unet.remat is True
+    with pytest.raises(ValueError, match="floating dtype"):
+        runner._model(cli._train_config(parser.parse_args(["train", "--dtype", "int8"])))
+
+
 def test_bad_static_configuration():
     apply_fn = TinyNet().apply
     with pytest.raises(ValueError, match=r"'l1'.*'simple'"):
