@@ -137,6 +137,22 @@ def windows(step, sync, num_windows: int, window_steps: int, batch: int) -> list
     return rates
 
 
+def measure_training(step, sync, args) -> dict:
+    """First-call time, then warm-up steps, then the timed windows."""
+    start = time.perf_counter()
+    step()
+    sync()
+    first_call = time.perf_counter() - start
+    for _ in range(args.warmup):
+        step()
+    rates = windows(step, sync, args.windows, args.window_steps, args.batch)
+    return {
+        "train_first_call_s": first_call,
+        "train_images_per_s": statistics.median(rates),
+        "train_window_images_per_s": rates,
+    }
+
+
 def seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -188,15 +204,7 @@ def bench_reference(torch, ddp, net, x, args, gpu: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
             ema.update()
 
-        start = time.perf_counter()
-        step()
-        sync()
-        out["train_first_call_s"] = time.perf_counter() - start
-        for _ in range(args.warmup):
-            step()
-        rates = windows(step, sync, args.windows, args.window_steps, args.batch)
-    out["train_images_per_s"] = statistics.median(rates)
-    out["train_window_images_per_s"] = rates
+        out.update(measure_training(step, sync, args))
     if gpu:
         out["train_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -241,15 +249,7 @@ def bench_jaxdiff(unet, variables, x, args, gpu: bool) -> dict:
             nonlocal state
             state, _ = train_step(state, x)
 
-        start = time.perf_counter()
-        step()
-        sync()
-        out["train_first_call_s"] = time.perf_counter() - start
-        for _ in range(args.warmup):
-            step()
-        rates = windows(step, sync, args.windows, args.window_steps, args.batch)
-    out["train_images_per_s"] = statistics.median(rates)
-    out["train_window_images_per_s"] = rates
+        out.update(measure_training(step, sync, args))
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["train_peak_memory_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
