@@ -124,6 +124,11 @@ class Config:
             "sample_steps",
         ):
             d["run"].pop(name)
+        # remat recomputes the same values; float32, the default dtype, is left out so that
+        # workdirs from before the dtype option keep matching
+        d["model"].pop("remat")
+        if d["model"]["dtype"] == "float32":
+            d["model"].pop("dtype")
         return d
 
 

@@ -261,6 +261,11 @@ def test_cli_model_dtype_and_remat_reach_the_unet():
     assert unet.compute_dtype == jnp.bfloat16 and unet.remat is True
     with pytest.raises(ValueError, match="floating dtype"):
         runner._model(cli._train_config(parser.parse_args(["train", "--dtype", "int8"])))
+    # remat and the default dtype do not change a run's identity; bfloat16 does
+    identity = cli._train_config(parser.parse_args(["train"])).identity()
+    assert cli._train_config(parser.parse_args(["train", "--remat"])).identity() == identity
+    assert "dtype" not in identity["model"] and "remat" not in identity["model"]
+    assert cli._train_config(args).identity()["model"]["dtype"] == "bfloat16"
 
 
 def test_bad_static_configuration():
