@@ -9,8 +9,8 @@ CPU: jaxlib 0.10 hands convolutions, reductions, dots and elementwise fusions to
 library by default. On this project's x86 test machine (2 cores, AVX-512), YNNPACK's
 convolutions took about twice as long as XLA's own (Eigen) ones, while its reductions and dots
 were the faster choice; keeping only those two in YNNPACK took the ``cifar-small`` U-Net's
-forward+backward (batch 16, 32x32) from about 460 ms to 360 ms. ``experiments/bench.py
---compiler-options none`` measures the difference on any machine.
+forward+backward (batch 16, 32x32) from 484 ms to 367 ms (``experiments/profile_unet.py``
+with ``--compiler-options none``, then without; BENCHMARKS.md).
 
 Other backends get no options.
 """

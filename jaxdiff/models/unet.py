@@ -379,10 +379,11 @@ class Attention(_AttentionBase):
         return out.reshape(b, hh, ww, c)
 
 
-def _attention(spec: StageSpec, num_mem_kv: int, dtype: Any, remat: bool):
+def _attention(spec: StageSpec, num_mem_kv: int, dtype: Any, remat: bool, name: str = "attn"):
+    """The stage's attention layer (full or linear), rematerialised with ``remat``."""
     cls = Attention if spec.full_attn else LinearAttention
     cls = nn.remat(cls) if remat else cls
-    return cls(spec.heads, spec.dim_head, num_mem_kv, dtype, name="attn")
+    return cls(spec.heads, spec.dim_head, num_mem_kv, dtype, name=name)
 
 
 def space_to_depth(x: jax.Array) -> jax.Array:
@@ -403,15 +404,17 @@ def upsample_nearest(x: jax.Array) -> jax.Array:
     return x.reshape(b, 2 * h, 2 * w, c)
 
 
-class DownStage(nn.Module):
-    """block1 -> skip -> block2 -> attention (+ residual) -> skip -> down-sample."""
-
+class _Stage(nn.Module):
     spec: StageSpec
     is_last: bool
     dropout: float
     num_mem_kv: int
     dtype: Any = None
     remat: bool = False
+
+
+class DownStage(_Stage):
+    """block1 -> skip -> block2 -> attention (+ residual) -> skip -> down-sample."""
 
     @nn.compact
     def __call__(self, x, t_emb, *, train: bool = False):
@@ -430,15 +433,8 @@ class DownStage(nn.Module):
         return x, (skip1, skip2)
 
 
-class UpStage(nn.Module):
+class UpStage(_Stage):
     """concat skip2 -> block1 -> concat skip1 -> block2 -> attention (+ residual) -> up-sample."""
-
-    spec: StageSpec
-    is_last: bool
-    dropout: float
-    num_mem_kv: int
-    dtype: Any = None
-    remat: bool = False
 
     @nn.compact
     def __call__(self, x, skips, t_emb, *, train: bool = False):
@@ -759,14 +755,9 @@ class Unet(nn.Module):
         mid = specs[-1].dim_out
         mid_spec = specs[-1]._replace(full_attn=True)
         block = _resnet_block(self.remat)
-        attention = nn.remat(Attention) if self.remat else Attention
         x = block(mid, self.dropout, self.dtype, name="mid_block1")(x, t, train)
-        x = (
-            attention(
-                mid_spec.heads, mid_spec.dim_head, self.num_mem_kv, self.dtype, name="mid_attn"
-            )(x)
-            + x
-        )
+        mid_attn = _attention(mid_spec, self.num_mem_kv, self.dtype, self.remat, "mid_attn")
+        x = mid_attn(x) + x
         x = block(mid, self.dropout, self.dtype, name="mid_block2")(x, t, train)
 
         for j, spec in enumerate(reversed(specs)):
