@@ -19,8 +19,14 @@ reference ``GaussianDiffusion``'s defaults: T = 1000, sigmoid schedule, v object
   ``p_sample_loop`` against ``jaxdiff.samplers.ddim_sample`` / ``ddpm_sample`` in one jitted
   program (whose step count is a traced argument: the bench checks that 50 and 100 steps share
   one compile);
-* on a GPU, the model FLOP utilisation: XLA's FLOP count of the train step times steps/s over
-  the GPU's dense peak for the dtype.
+* on a GPU, the model FLOP utilisation of both sides: the FLOPs of one train step (XLA's count
+  of jaxdiff's step before optimisation, without rematerialisation; the same model on both
+  sides) times steps/s, over the GPU's dense peak for the math used.
+
+Float32 on a GPU: by default JAX computes float32 convolutions and matrix products with TF32
+tensor cores, PyTorch its convolutions only. ``--fp32-precision`` sets one mode for both:
+``tf32`` (the default: JAX's default, and PyTorch's ``allow_tf32`` for matmuls and cuDNN) or
+``highest`` (true float32 on both). On a CPU both always compute in float32.
 
 The reference runs first, then jaxdiff: XLA's CPU thread pool stays busy for a moment after each
 call and would slow PyTorch's threads down if the two were interleaved. Before timing, the two
@@ -67,10 +73,12 @@ CONFIGS = {
 }
 SIZE, CHANNELS, T = 32, 3, 1000
 LR, BETAS, CLIP = 1e-4, (0.9, 0.99), 1.0
-# Dense peak FLOP/s (no sparsity) by device kind and dtype, from the vendors' data sheets.
+# Dense peak FLOP/s (no sparsity) by device kind (a substring of jax's device_kind, first match)
+# and math, from NVIDIA's H100 and H200 data sheets; "float32" is without tensor cores.
 PEAK_FLOPS = {
-    "H100": {"float32": 67e12, "bfloat16": 989e12},  # SXM; fp32 without tensor cores
-    "H200": {"float32": 67e12, "bfloat16": 989e12},
+    "H100 PCIe": {"float32": 51.2e12, "tf32": 378e12, "bfloat16": 756e12},
+    "H100": {"float32": 66.9e12, "tf32": 494.7e12, "bfloat16": 989.4e12},  # SXM
+    "H200": {"float32": 66.9e12, "tf32": 494.7e12, "bfloat16": 989.4e12},  # SXM
 }
 ROW_ORDER = (
     ("train_images_per_s", "training images/s", "{:.1f}"),
@@ -80,6 +88,7 @@ ROW_ORDER = (
     ("ddim50_s", "DDIM-50 sampling (s)", "{:.2f}"),
     ("ddpm1000_s", "DDPM-1000 sampling (s)", "{:.2f}"),
     ("sampler_first_call_s", "sampler first call (s)", "{:.2f}"),
+    ("train_step_gflops", "GFLOPs of one train step", "{:.1f}"),
     ("mfu", "model FLOP utilisation", "{:.1%}"),
     ("train_step_compiles", "train step compilations over the run", "{:d}"),
     ("sampler_compiles_for_50_and_100_steps", "DDIM compilations for 50 and 100 steps", "{:d}"),
@@ -264,15 +273,12 @@ def bench_jaxdiff(unet, variables, x, args, gpu: bool) -> dict:
         - buffers.alias_size_in_bytes
         + buffers.temp_size_in_bytes
     ) / 2**20
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    out["train_step_flops"] = float(cost.get("flops", float("nan")))
-    if gpu:
-        kind = jax.devices()[0].device_kind
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
-        if peak is not None:
-            steps_per_s = out["train_images_per_s"] / args.batch
-            out["mfu"] = out["train_step_flops"] * steps_per_s / peak[args.dtype]
+    # the model's FLOPs: the step before XLA's optimisations, without rematerialisation
+    plain = train.diffusion_loss_fn(
+        unet.clone(remat=False).apply, coeffs, loss="simple", objective="v"
+    )
+    lowered = train.make_train_step(plain, optimizer).jitted.lower(state, x)
+    out["train_step_gflops"] = lowered.cost_analysis()["flops"] / 1e9
 
     if not args.skip_sampling:
         params = state.ema_params
@@ -310,11 +316,29 @@ def bench_jaxdiff(unet, variables, x, args, gpu: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def set_fp32_precision(torch, precision: str) -> str:
+    """One float32 math mode for both libraries on a GPU; returns the math's name."""
+    tf32 = precision == "tf32"
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if tf32 else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return "tf32" if tf32 else "float32"
+
+
+def peak_flops(device_kind: str, math: str) -> float | None:
+    """The dense peak FLOP/s of ``math`` on this GPU; None for a GPU not in PEAK_FLOPS."""
+    peaks = next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
+    return None if peaks is None else peaks[math]
+
+
 def markdown(result: dict) -> str:
     ref, ours = result["reference"], result["jaxdiff"]
+    dtype = result["dtype"]
+    if result["math"] != dtype:
+        dtype += f" with {result['math']} math"
     lines = [
         f"config `{result['config']}` ({result['unet']}, {result['parameters_m']:.2f} M "
-        f"parameters), batch {result['batch']} of {SIZE}x{SIZE}x{CHANNELS}, {result['dtype']}; "
+        f"parameters), batch {result['batch']} of {SIZE}x{SIZE}x{CHANNELS}, {dtype}; "
         f"{result['machine']}",
         "",
         "| measure | jaxdiff | reference | jaxdiff / reference |",
@@ -343,6 +367,12 @@ def main() -> None:
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the Unet")
     parser.add_argument("--remat", action="store_true", help="jaxdiff's Unet(remat=True)")
     parser.add_argument(
+        "--fp32-precision",
+        choices=("tf32", "highest"),
+        default="tf32",
+        help="on a GPU, the math of float32 convolutions and matmuls, for both libraries",
+    )
+    parser.add_argument(
         "--compiler-options",
         choices=("auto", "none"),
         default="auto",
@@ -357,6 +387,11 @@ def main() -> None:
     gpu = jax.default_backend() == "gpu"
     if gpu != torch.cuda.is_available():
         raise SystemExit("run both libraries on the same device: jax and torch disagree on GPU")
+    math = "float32"
+    if args.dtype == "bfloat16":
+        math = "bfloat16"
+    elif gpu:
+        math = set_fp32_precision(torch, args.fp32_precision)
     torch.manual_seed(0)
     net = ddp.Unet(**config["unet"])
     unet = unet_from_config(config["unet"])
@@ -370,7 +405,8 @@ def main() -> None:
         want = net(
             torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(t)
         ).numpy()
-    got = np.asarray(jax.jit(unet.apply)(variables, x, jnp.asarray(t, jnp.int32)))
+    with jax.default_matmul_precision("highest"):  # torch computes this on the CPU
+        got = np.asarray(jax.jit(unet.apply)(variables, x, jnp.asarray(t, jnp.int32)))
     err = float(np.max(np.abs(got.transpose(0, 3, 1, 2) - want)) / np.max(np.abs(want)))
     assert err < 1e-4, f"the two networks differ: relative max error {err:.2g}"
 
@@ -380,6 +416,7 @@ def main() -> None:
         "parameters_m": sum(p.numel() for p in net.parameters()) / 1e6,
         "batch": args.batch,
         "dtype": args.dtype,
+        "math": math,
         "machine": (
             f"{jax.devices()[0].device_kind}; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
@@ -390,7 +427,17 @@ def main() -> None:
         "output_relative_difference": err,
     }
     result["reference"] = bench_reference(torch, ddp, net, x, args, gpu)
+    if gpu:
+        torch.cuda.empty_cache()  # hand the reference's cached blocks back before jaxdiff runs
     result["jaxdiff"] = bench_jaxdiff(unet, variables, x, args, gpu)
+    flops = result["jaxdiff"]["train_step_gflops"] * 1e9
+    result["reference"]["train_step_gflops"] = flops / 1e9  # the same model and step
+    peak = peak_flops(jax.devices()[0].device_kind, result["math"]) if gpu else None
+    if peak is not None:
+        result["peak_flops"] = peak
+        for side in ("reference", "jaxdiff"):
+            steps_per_s = result[side]["train_images_per_s"] / args.batch
+            result[side]["mfu"] = flops * steps_per_s / peak
     out = pathlib.Path(args.out)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     table = markdown(result)

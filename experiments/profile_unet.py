@@ -1,8 +1,8 @@
 """Where the U-Net's training time goes, jaxdiff against denoising-diffusion-pytorch.
 
-Times forward+backward of ``mean((net(x, t) - x)^2)`` (batch 16 of 32x32x3, the ``small`` config
-of experiments/bench.py) with parts of the network switched off on both sides alike, so that
-the differences between rows say what each part costs:
+Times forward+backward of ``mean((net(x, t) - x)^2)`` (32x32x3 images, a config of
+experiments/bench.py and its batch; ``small`` by default) with parts of the network switched off
+on both sides alike, so that the differences between rows say what each part costs:
 
 * ``full``: the whole network;
 * ``no-linear-attn``: linear attention layers return zeros (their residual path remains);
@@ -12,16 +12,19 @@ the differences between rows say what each part costs:
 
 ``--trace`` also records a jax.profiler trace of the full jaxdiff step and prints the time
 summed per kind of XLA operation (on CPU the summed kernel times exceed the wall time: two
-kernels can run at once). Needs the environment of experiments/bench.py. From the repository
-root:
+kernels can run at once). On a GPU both sides run there, with bench.py's float32 math
+(``--fp32-precision``) and ``--dtype``. Needs the environment of experiments/bench.py. From the
+repository root:
 
     PYTHONPATH=. python experiments/profile_unet.py [--trace /tmp/trace] [--compiler-options none]
+    PYTHONPATH=. python experiments/profile_unet.py --config large --dtype bfloat16   # a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -33,13 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _reference import load_reference
+from bench import CHANNELS, CONFIGS, SIZE, set_fp32_precision
 
 import jaxdiff.models.unet as jaxdiff_unet
 from jaxdiff import compilation
 from jaxdiff.convert import torch_state_dict_to_flax
 
-CONFIG = {"dim": 32, "dim_mults": (1, 2, 2)}
-BATCH, SIZE, CHANNELS = 16, 32, 3
 VARIANTS = ("full", "no-linear-attn", "no-attn", "no-attn-no-norm")
 
 
@@ -92,31 +94,47 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--trace", help="directory for a jax.profiler trace of the full step")
     parser.add_argument("--compiler-options", choices=("auto", "none"), default="auto")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--batch", type=int, help="default: the config's")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--fp32-precision", choices=("tf32", "highest"), default="tf32")
     args = parser.parse_args()
     options = {} if args.compiler_options == "none" else compilation.compiler_options()
+    config, batch = CONFIGS[args.config]["unet"], args.batch or CONFIGS[args.config]["batch"]
 
     torch, ddp = load_reference()
+    gpu = jax.default_backend() == "gpu"
+    device = "cuda" if gpu else "cpu"
+    if gpu:
+        set_fp32_precision(torch, args.fp32_precision)
+    bf16 = args.dtype == "bfloat16"
+    autocast = torch.autocast(device, torch.bfloat16) if bf16 else contextlib.nullcontext()
     rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (BATCH, SIZE, SIZE, CHANNELS)).astype(np.float32)
-    t = np.arange(BATCH) * 61
-    x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    t_t = torch.from_numpy(t)
+    x = rng.uniform(-1, 1, (batch, SIZE, SIZE, CHANNELS)).astype(np.float32)
+    t = np.arange(batch) * 61 % 1000
+    x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+    t_t = torch.from_numpy(t).to(device)
     x_j, t_j = jnp.asarray(x), jnp.asarray(t, jnp.int32)
 
-    print(f"forward+backward, batch {BATCH} of {SIZE}x{SIZE}x{CHANNELS}, {CONFIG}")
-    print(f"jaxdiff compiler options: {options}")
+    print(f"forward+backward, batch {batch} of {SIZE}x{SIZE}x{CHANNELS}, {config}, {args.dtype}")
+    print(f"{jax.devices()[0].device_kind}; jaxdiff compiler options: {options}")
     print("| variant | jaxdiff (ms) | PyTorch (ms) | PyTorch / jaxdiff |")
     print("|---|---|---|---|")
     for variant in VARIANTS:
         switch_off(variant, torch, ddp)
         torch.manual_seed(0)
-        net = ddp.Unet(**CONFIG)
-        unet = jaxdiff_unet.unet_from_config(CONFIG)
+        net = ddp.Unet(**config)
+        unet = jaxdiff_unet.unet_from_config(config, dtype=args.dtype)
         variables = torch_state_dict_to_flax(net.state_dict(), unet)
+        net = net.to(device)
 
         def torch_step(net=net):
             net.zero_grad(set_to_none=True)
-            torch.mean(torch.square(net(x_t, t_t) - x_t)).backward()
+            with autocast:
+                loss = torch.mean(torch.square(net(x_t, t_t).float() - x_t))
+            loss.backward()
+            if gpu:
+                torch.cuda.synchronize()
 
         def loss(v, unet=unet):
             return jnp.mean(jnp.square(unet.apply(v, x_j, t_j) - x_j))

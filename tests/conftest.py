@@ -1,7 +1,10 @@
 """Test-wide JAX settings: strict dtype and rank promotion, so silent float64/float32 mixing or
-accidental broadcasting fails in tests (the diffrax/equinox habit)."""
+accidental broadcasting fails in tests (the diffrax/equinox habit); and true float32 products
+on a GPU, where JAX's default is TF32 (the tests check the numerics, not the speed mode)."""
 
 import jax
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+if jax.default_backend() == "gpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
