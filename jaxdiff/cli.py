@@ -9,6 +9,11 @@
 ``CONFIG`` is a preset name (``jaxdiff.models.PRESETS``), a JSON object of the reference
 ``Unet``'s constructor arguments, or the path of a file holding one. A ``.npz`` state_dict works
 in both directions without torch. An existing output file is never replaced without ``--force``.
+
+``train``, ``sample`` and ``bpd`` keep XLA's compiled programs on disk (JAX's persistent
+compilation cache), so a later run of the same program loads it instead of compiling it again:
+``--compilation-cache DIR``, default ``$JAXDIFF_COMPILATION_CACHE``, else JAX's own
+``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/jaxdiff/xla``; ``none`` switches it off.
 """
 
 from __future__ import annotations
@@ -16,8 +21,42 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
+
+CACHE_ENV = "JAXDIFF_COMPILATION_CACHE"
+
+
+def _compilation_cache(value: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``value`` (a directory, or ``none``); must
+    run before the process compiles anything. An explicit directory that cannot be created
+    raises a ValueError; the default one is skipped with a warning."""
+    import jax
+
+    given = value is not None
+    if not given:  # the environment's choice, JAX's own setting, then ours
+        value = os.environ.get(CACHE_ENV) or jax.config.jax_compilation_cache_dir
+        value = value or "~/.cache/jaxdiff/xla"
+    if value == "none":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as error:
+        message = (
+            f"cannot use {path} as the compilation cache ({error}); pass --compilation-cache "
+            f"with a writable directory, or none"
+        )
+        if given:
+            raise ValueError(message) from error
+        print(f"jaxdiff: warning: {message}; compiling without it", file=sys.stderr)
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
 
 
 def _config(value: str):
@@ -166,9 +205,17 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    compiles = argparse.ArgumentParser(add_help=False)
+    compiles.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        help=f"keep compiled XLA programs here for later runs (default ${CACHE_ENV} or "
+        "~/.cache/jaxdiff/xla; 'none' switches it off)",
+    )
 
     train = commands.add_parser(
         "train",
+        parents=[compiles],
         help="train a model (default: the embedded digits dataset, into runs/digits)",
         description="Train, or resume, a diffusion model. With no arguments: the digits preset "
         "(scikit-learn's handwritten digits, 16x16) into runs/digits.",
@@ -179,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(train)
     train.set_defaults(run=_train)
 
-    sample = commands.add_parser("sample", help="sample images from a trained workdir")
+    sample = commands.add_parser(
+        "sample", parents=[compiles], help="sample images from a trained workdir"
+    )
     sample.add_argument("--workdir", type=Path, required=True)
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM uses all T)")
@@ -191,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--force", action="store_true", help="replace existing output files")
     sample.set_defaults(run=_sample)
 
-    bpd = commands.add_parser("bpd", help="bits/dim of a trained workdir on its test split")
+    bpd = commands.add_parser(
+        "bpd", parents=[compiles], help="bits/dim of a trained workdir on its test split"
+    )
     bpd.add_argument("--workdir", type=Path, required=True)
     bpd.add_argument("--split", choices=("test", "train", "all"), default="test")
     bpd.add_argument("--batch-size", type=int, default=256)
@@ -245,6 +296,11 @@ def _presets():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "convert":
+        try:
+            _compilation_cache(args.compilation_cache)
+        except ValueError as error:
+            return _fail(args.command, error)
     return args.run(args)
 
 

@@ -1,8 +1,13 @@
 """Test-wide JAX settings: strict dtype and rank promotion, so silent float64/float32 mixing or
 accidental broadcasting fails in tests (the diffrax/equinox habit); and true float32 products
-on a GPU, where JAX's default is TF32 (the tests check the numerics, not the speed mode)."""
+on a GPU, where JAX's default is TF32 (the tests check the numerics, not the speed mode).
+The ``jaxdiff`` commands that tests run keep no compilation cache unless a test asks for one."""
+
+import os
 
 import jax
+
+os.environ.setdefault("JAXDIFF_COMPILATION_CACHE", "none")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

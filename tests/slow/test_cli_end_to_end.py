@@ -134,3 +134,51 @@ def test_bad_input_is_reported_and_never_touches_a_good_checkpoint(tmp_path):
     assert result.returncode == 1 and "a.png" in result.stderr
     result = _jaxdiff("sample", "--workdir", str(tmp_path / "nowhere"))
     assert result.returncode == 1 and "not a jaxdiff workdir" in result.stderr
+
+
+def _params(workdir):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(runner._restored(workdir, None)[2])]
+
+
+def test_compilation_cache_is_reused_and_changes_no_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # tiny programs too
+    cache = tmp_path / "cache"
+    base = ["train", "--steps", "2", "--save-every", "2", "--sample-every", "2", *TINY]
+    first = _jaxdiff(*base, "--workdir", str(tmp_path / "a"), "--compilation-cache", str(cache))
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any(name.startswith("jit_step_fn") for name in entries), entries
+    # the same programs again: loaded from the cache, none compiled anew
+    again = _jaxdiff(*base, "--workdir", str(tmp_path / "b"), "--compilation-cache", str(cache))
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    off = _jaxdiff(*base, "--workdir", str(tmp_path / "c"), "--compilation-cache", "none")
+    assert off.returncode == 0, off.stderr
+    runs = [_params(tmp_path / name) for name in "abc"]
+    for x, y, z in zip(*runs, strict=True):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, z)
+
+    # without the flag: $JAXDIFF_COMPILATION_CACHE, else ~/.cache/jaxdiff/xla
+    monkeypatch.delenv("JAXDIFF_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code = "import jax; from jaxdiff import cli; cli._compilation_cache(None); "
+    code += "print(jax.config.jax_compilation_cache_dir)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert shown.stdout.strip() == str(tmp_path / "home" / ".cache" / "jaxdiff" / "xla")
+    monkeypatch.setenv("JAXDIFF_COMPILATION_CACHE", str(cache))
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert shown.stdout.strip() == str(cache)
+
+
+def test_unusable_compilation_cache_is_refused_before_anything_runs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    workdir = tmp_path / "run"
+    result = _jaxdiff(
+        "train", "--workdir", str(workdir), *TINY, "--compilation-cache", str(blocker / "xla")
+    )
+    assert result.returncode == 1
+    assert "compilation cache" in result.stderr and str(blocker) in result.stderr, result.stderr
+    assert not workdir.exists()
