@@ -65,6 +65,8 @@ from jaxdiff import compilation, gaussian, samplers, schedules, train  # noqa: E
 from jaxdiff.convert import torch_state_dict_to_flax  # noqa: E402
 from jaxdiff.models import unet_from_config  # noqa: E402
 
+jax.config.update("jax_enable_compilation_cache", False)  # first calls compile from scratch
+
 CONFIGS = {
     # The CPU configuration (the ``cifar-small`` preset).
     "small": {"unet": {"dim": 32, "dim_mults": (1, 2, 2)}, "batch": 16},
