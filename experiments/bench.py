@@ -148,8 +148,8 @@ def windows(step, sync, num_windows: int, window_steps: int, batch: int) -> list
     return rates
 
 
-def measure_training(step, sync, args) -> dict:
-    """First-call time, then warm-up steps, then the timed windows."""
+def measure_training(step, sync, args, side: str) -> dict:
+    """First-call time, then warm-up steps, then the timed windows (printed as they end)."""
     start = time.perf_counter()
     step()
     sync()
@@ -157,6 +157,7 @@ def measure_training(step, sync, args) -> dict:
     for _ in range(args.warmup):
         step()
     rates = windows(step, sync, args.windows, args.window_steps, args.batch)
+    print(f"{side}: first call {first_call:.1f} s, windows {[round(r, 1) for r in rates]} images/s")
     return {
         "train_first_call_s": first_call,
         "train_images_per_s": statistics.median(rates),
@@ -215,7 +216,7 @@ def bench_reference(torch, ddp, net, x, args, gpu: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
             ema.update()
 
-        out.update(measure_training(step, sync, args))
+        out.update(measure_training(step, sync, args, "reference"))
     if gpu:
         out["train_peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -260,7 +261,7 @@ def bench_jaxdiff(unet, variables, x, args, gpu: bool) -> dict:
             nonlocal state
             state, _ = train_step(state, x)
 
-        out.update(measure_training(step, sync, args))
+        out.update(measure_training(step, sync, args, "jaxdiff"))
     if gpu:
         stats = jax.devices()[0].memory_stats() or {}
         out["train_peak_memory_mb"] = stats.get("peak_bytes_in_use", float("nan")) / 2**20
@@ -429,6 +430,7 @@ def main() -> None:
         "output_relative_difference": err,
     }
     result["reference"] = bench_reference(torch, ddp, net, x, args, gpu)
+    print(f"reference: {json.dumps(result['reference'])}", flush=True)
     if gpu:
         torch.cuda.empty_cache()  # hand the reference's cached blocks back before jaxdiff runs
     result["jaxdiff"] = bench_jaxdiff(unet, variables, x, args, gpu)
