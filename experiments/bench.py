@@ -357,18 +357,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The network, batch and numerics flags that bench.py and profile_unet.py share."""
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--batch", type=int, help="default: the config's")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--warmup", type=int, default=3, help="steps after the first call")
-    parser.add_argument("--windows", type=int, default=5)
-    parser.add_argument("--window-steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="DDIM-50 runs (median)")
-    parser.add_argument("--skip-sampling", action="store_true")
-    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the Unet")
-    parser.add_argument("--remat", action="store_true", help="jaxdiff's Unet(remat=True)")
     parser.add_argument(
         "--fp32-precision",
         choices=("tf32", "highest"),
@@ -381,6 +374,18 @@ def main() -> None:
         default="auto",
         help="jaxdiff's XLA options (jaxdiff.compilation) or XLA's defaults",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setup_arguments(parser)
+    parser.add_argument("--warmup", type=int, default=3, help="steps after the first call")
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--window-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="DDIM-50 runs (median)")
+    parser.add_argument("--skip-sampling", action="store_true")
+    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the Unet")
+    parser.add_argument("--remat", action="store_true", help="jaxdiff's Unet(remat=True)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args()
     config = CONFIGS[args.config]

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _reference import load_reference
-from bench import CHANNELS, CONFIGS, SIZE, set_fp32_precision
+from bench import CHANNELS, CONFIGS, SIZE, add_setup_arguments, set_fp32_precision
 
 import jaxdiff.models.unet as jaxdiff_unet
 from jaxdiff import compilation
@@ -93,11 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--trace", help="directory for a jax.profiler trace of the full step")
-    parser.add_argument("--compiler-options", choices=("auto", "none"), default="auto")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
-    parser.add_argument("--batch", type=int, help="default: the config's")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--fp32-precision", choices=("tf32", "highest"), default="tf32")
+    add_setup_arguments(parser)
     args = parser.parse_args()
     options = {} if args.compiler_options == "none" else compilation.compiler_options()
     config, batch = CONFIGS[args.config]["unet"], args.batch or CONFIGS[args.config]["batch"]
