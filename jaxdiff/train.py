@@ -8,20 +8,19 @@ function made by :func:`make_train_step`; this module holds no I/O (checkpoints 
   Step n draws its randomness from ``fold_in(key, n)``, so a run restored at step k continues
   exactly as an uninterrupted one.
 * A loss is any ``loss_fn(params, batch, key) -> (scalar loss, aux metrics dict)``;
-  :func:`diffusion_loss_fn` builds one from a Flax ``apply`` function and any loss of the core
-  (:func:`jaxdiff.losses.simple_loss`, :func:`jaxdiff.losses.training_losses`,
-  :func:`jaxdiff.continuous.continuous_loss`).
+  :func:`jaxdiff.objectives.diffusion_loss_fn` (also ``train.diffusion_loss_fn``) builds one
+  from a Flax ``apply`` function and any loss of the core.
 * Defaults follow denoising-diffusion-pytorch's ``Trainer``: Adam(1e-4, betas (0.9, 0.99)) after
   clipping the global gradient norm to 1, and ema-pytorch's EMA (beta 0.995, every 10 steps, a
   warm-up decay, weights copied for the first 100 steps).
-* Data parallelism uses ``jax.sharding``: a one-axis :class:`jax.sharding.Mesh` named
-  ``'data'``, the batch split along it and the state replicated; XLA inserts the gradient
-  all-reduce. The numbers do not depend on the device count beyond float summation order.
+* Data parallelism is :mod:`jaxdiff.parallel` (``make_mesh``, ``shard_batch``, ``replicate``,
+  also importable from here): the batch split along a ``'data'`` axis and the state
+  replicated. The numbers do not depend on the device count beyond float summation order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -32,9 +31,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdiff import continuous, gaussian, losses
 from jaxdiff.compilation import resolve_compiler_options
-from jaxdiff.gaussian import DiffusionCoeffs
+from jaxdiff.objectives import LOSSES, diffusion_loss_fn
+from jaxdiff.parallel import DATA_AXIS, check_batch, data_size, make_mesh, replicate, shard_batch
 
 __all__ = [
     "DATA_AXIS",
@@ -52,8 +51,6 @@ __all__ = [
     "shard_batch",
 ]
 
-DATA_AXIS = "data"
-LOSSES: tuple[str, ...] = ("simple", "openai", "continuous")
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 DecayFn = Callable[[jax.Array], jax.Array]
@@ -211,78 +208,6 @@ def _decay_fn(ema: DecayFn | float | None) -> DecayFn:
 
 
 # --------------------------------------------------------------------------------------------
-# Devices
-# --------------------------------------------------------------------------------------------
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis mesh named ``'data'`` over ``devices`` (default: every device of every host)."""
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise ValueError("make_mesh needs at least one device")
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def _data_size(mesh: Mesh | None) -> int:
-    if mesh is None:
-        return 1
-    if DATA_AXIS not in mesh.shape:
-        raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}, got axes {mesh.axis_names}")
-    return mesh.shape[DATA_AXIS]
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place every leaf of ``tree`` on every device of ``mesh`` (replicated)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def _check_batch(batch: Any, num_devices: int, grad_accum_steps: int) -> int:
-    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(batch)}
-    if not sizes or None in sizes or len(sizes) != 1:
-        raise ValueError(
-            f"every leaf of the batch needs the same leading (batch) axis, got sizes {sizes}"
-        )
-    (size,) = sizes
-    if size % num_devices:
-        raise ValueError(
-            f"global batch size {size} is not divisible by the device count {num_devices} "
-            f"(the size of the mesh's {DATA_AXIS!r} axis); use a multiple of {num_devices}"
-        )
-    if size % (num_devices * grad_accum_steps):
-        raise ValueError(
-            f"global batch size {size} does not split into grad_accum_steps={grad_accum_steps} "
-            f"micro-batches of a multiple of the device count {num_devices}; use a multiple "
-            f"of {num_devices * grad_accum_steps}"
-        )
-    return size
-
-
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place a host batch on ``mesh``, split along its leading axis over the ``'data'`` axis.
-
-    Each process passes its own share of the global batch (e.g. from
-    :func:`jaxdiff.data.batches` with ``process_index``/``process_count``); the global batch is
-    the concatenation over processes in process order, built with
-    ``jax.make_array_from_process_local_data``. On one host the share is the whole batch.
-    """
-    num_devices = _data_size(mesh)
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    local = jax.tree.map(np.asarray, batch)
-    local_size = _check_batch(local, 1, 1)
-    global_size = local_size * jax.process_count()
-    if global_size % num_devices:
-        raise ValueError(
-            f"global batch size {global_size} is not divisible by the device count "
-            f"{num_devices} (the size of the mesh's {DATA_AXIS!r} axis); use a multiple of "
-            f"{num_devices}"
-        )
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x, (global_size,) + x.shape[1:]),
-        local,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # State and step
 # --------------------------------------------------------------------------------------------
 
@@ -420,7 +345,7 @@ def make_train_step(
     if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
     decay_fn = _decay_fn(ema)
-    num_devices = _data_size(mesh)
+    num_devices = data_size(mesh)
 
     def loss_and_grad(params, batch, key, loss_state):
         def objective(p):
@@ -516,199 +441,10 @@ def make_train_step(
                 )
             # the shape of one step's batch, without touching the data
             one = jax.tree.map(lambda x: np.broadcast_to(np.int8(0), np.shape(x)[1:]), batch)
-            _check_batch(one, num_devices, grad_accum_steps)
+            check_batch(one, num_devices, grad_accum_steps)
         else:
-            _check_batch(batch, num_devices, grad_accum_steps)
+            check_batch(batch, num_devices, grad_accum_steps)
         return compiled(state, batch)
 
     train_step.jitted = compiled  # for .lower() / cost analysis
     return train_step
-
-
-# --------------------------------------------------------------------------------------------
-# Diffusion losses as loss_fn
-# --------------------------------------------------------------------------------------------
-
-
-def _images(batch: Any) -> jax.Array:
-    x = batch["image"] if isinstance(batch, Mapping) else batch
-    if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 127.5 - 1.0
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"images must be uint8 (0..255) or floating ([-1, 1]), got {x.dtype}")
-    return x
-
-
-def _floating_dtype(params: Any):
-    for leaf in jax.tree.leaves(params):
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf.dtype
-    return jnp.float32
-
-
-def diffusion_loss_fn(
-    apply_fn: Callable[..., jax.Array],
-    coeffs: DiffusionCoeffs | None = None,
-    *,
-    loss: str = "simple",
-    objective: str = "eps",
-    min_snr_gamma: float | None = None,
-    offset_noise_strength: float = 0.0,
-    self_condition: bool = False,
-    mean_type: str = "eps",
-    var_type: str = "fixed_small",
-    loss_type: str = "mse",
-    vb_weight: float | None = None,
-    log_snr_fn: Callable[[jax.Array], jax.Array] | None = None,
-    train: bool = True,
-) -> LossFn:
-    """A ``loss_fn(params, batch, key[, loss_state])`` for :func:`make_train_step`.
-
-    The batch is an image array [B, H, W, C] (or a dict with ``"image"``): uint8 is mapped to
-    [-1, 1] by ``x / 127.5 - 1``; a floating batch is used as it is. From the key it draws,
-    through ``fold_in``, t uniformly (from the importance sampler when a
-    :class:`jaxdiff.losses.LossSecondMomentState` is passed as ``loss_state``), the noise,
-    the dropout key and the offset noise, then returns the batch mean of
-
-    * ``"simple"``: :func:`jaxdiff.losses.simple_loss` (denoising-diffusion-pytorch's
-      ``p_losses``: ``objective``, ``min_snr_gamma``, ``offset_noise_strength``,
-      ``self_condition``);
-    * ``"openai"``: :func:`jaxdiff.losses.training_losses`["loss"] (improved-diffusion:
-      ``mean_type``, ``var_type``, ``loss_type``, ``vb_weight``), its ``mse`` and ``vb`` terms as
-      metrics;
-    * ``"continuous"``: :func:`jaxdiff.continuous.continuous_loss` with times ~ U[0, 1)
-      (``log_snr_fn``, ``objective``, ``min_snr_gamma``).
-
-    With importance sampling the loss is ``mean(loss_b / (T p_{t_b}))`` and the per-example
-    losses are recorded in the sampler's history (improved-diffusion's
-    ``LossSecondMomentResampler``); the new history is ``aux["loss_state"]``.
-
-    The network is called as ``apply_fn(params, x_t, time, [x_self_cond=...], train=True,
-    rngs={"dropout": key})`` (jaxdiff's ``Unet``; ``train=False`` calls
-    ``apply_fn(params, x_t, time)``). x_t is cast to the dtype of the params (bfloat16 under
-    ``make_train_step(compute_dtype=...)``), time stays float32 (bfloat16 cannot hold the
-    integers up to 1000), and the output is cast back to float32 for the loss.
-
-    Self-conditioning (Chen et al. 2022, as ``p_losses``): with probability 1/2 per batch the
-    network first predicts x0 without it, and that prediction, through a stop-gradient, is
-    passed as ``x_self_cond``; otherwise ``x_self_cond`` is zeros (what the reference's U-Net
-    uses when it is absent).
-    """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {list(LOSSES)}")
-    if loss in ("simple", "openai") and coeffs is None:
-        raise ValueError(f"loss {loss!r} needs the coefficient table coeffs")
-    if loss == "continuous" and log_snr_fn is None:
-        raise ValueError("loss 'continuous' needs log_snr_fn, e.g. schedules.log_snr_schedule")
-    if loss == "simple" and gaussian.canonical_mean_type(objective) == "prev_x":
-        raise ValueError("loss 'simple' supports objectives eps, x0 and v; use loss='openai'")
-    if loss == "openai":
-        gaussian.canonical_mean_type(mean_type)
-        gaussian.canonical_var_type(var_type)
-        if loss_type not in losses.LOSS_TYPES:
-            raise ValueError(
-                f"unknown loss type {loss_type!r}; choose one of {list(losses.LOSS_TYPES)}"
-            )
-    if loss == "continuous" and objective not in continuous.OBJECTIVES:
-        raise ValueError(
-            f"unknown continuous-time objective {objective!r}; choose one of "
-            f"{list(continuous.OBJECTIVES)}"
-        )
-    if self_condition and loss != "simple":
-        raise ValueError(f"self_condition is supported with loss='simple', not {loss!r}")
-    if offset_noise_strength and loss != "simple":
-        raise ValueError(f"offset noise is supported with loss='simple', not {loss!r}")
-
-    def call(params, x, time, dropout_key, **kwargs):
-        extra = {"train": True, "rngs": {"dropout": dropout_key}} if train else {}
-        dtype = _floating_dtype(params)
-        kwargs = {k: v.astype(dtype) for k, v in kwargs.items()}
-        return apply_fn(params, x.astype(dtype), time, **kwargs, **extra).astype(x.dtype)
-
-    def loss_fn(params, batch, key, loss_state=None):
-        x0 = _images(batch)
-        size = x0.shape[0]
-        t_key, noise_key, dropout_key, offset_key, cond_key = (
-            jax.random.fold_in(key, i) for i in range(5)
-        )
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-
-        if loss == "continuous":
-            if loss_state is not None:
-                raise ValueError("importance sampling of t needs a discrete loss")
-            times = jax.random.uniform(t_key, (size,), jnp.float32)
-            per_example = continuous.continuous_loss(
-                lambda x, log_snr: call(params, x, log_snr, dropout_key),
-                x0,
-                times,
-                noise,
-                log_snr_fn=log_snr_fn,
-                objective=objective,
-                min_snr_gamma=min_snr_gamma,
-            )
-            return jnp.mean(per_example), {}
-
-        if loss_state is None:
-            t = jax.random.randint(t_key, (size,), 0, coeffs.num_timesteps, jnp.int32)
-            weights = jnp.ones((size,), jnp.float32)
-        else:
-            t, weights = losses.sample_timesteps(
-                t_key, losses.loss_second_moment_weights(loss_state), size
-            )
-        aux: dict[str, jax.Array] = {}
-
-        if loss == "simple":
-            model_fn = _self_conditioned(
-                call, params, coeffs, objective, t, dropout_key, cond_key, self_condition
-            )
-            offset = None
-            if offset_noise_strength:
-                offset = jax.random.normal(offset_key, (size, x0.shape[-1]), x0.dtype)
-            per_example = losses.simple_loss(
-                model_fn,
-                coeffs,
-                x0,
-                t,
-                noise,
-                objective=objective,
-                min_snr_gamma=min_snr_gamma,
-                offset_noise=offset,
-                offset_noise_strength=offset_noise_strength,
-            )
-        else:
-            terms = losses.training_losses(
-                lambda x, time: call(params, x, time, dropout_key),
-                coeffs,
-                x0,
-                t,
-                noise,
-                mean_type=mean_type,
-                var_type=var_type,
-                loss_type=loss_type,
-                vb_weight=vb_weight,
-            )
-            per_example = terms["loss"]
-            aux = {k: jnp.mean(v) for k, v in terms.items() if k != "loss"}
-
-        if loss_state is not None:
-            aux["loss_state"] = losses.loss_second_moment_update(loss_state, t, per_example)
-        return jnp.mean(per_example * weights), aux
-
-    return loss_fn
-
-
-def _self_conditioned(call, params, coeffs, objective, t, dropout_key, cond_key, enabled):
-    if not enabled:
-        return lambda x, time: call(params, x, time, dropout_key)
-
-    def model_fn(x, time):
-        def with_prediction(_):
-            first = call(params, x, time, jax.random.fold_in(dropout_key, 1), x_self_cond=x * 0)
-            _, x0 = gaussian.model_predictions(coeffs, first, x, t, mean_type=objective)
-            return jax.lax.stop_gradient(x0)
-
-        coin = jax.random.bernoulli(cond_key)
-        cond = jax.lax.cond(coin, with_prediction, lambda _: jnp.zeros_like(x), None)
-        return call(params, x, time, dropout_key, x_self_cond=cond)
-
-    return model_fn
