@@ -20,6 +20,7 @@ function made by :func:`make_train_step`; this module holds no I/O (checkpoints 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "ema_update",
     "make_mesh",
     "make_train_step",
+    "nonfinite_leaves",
     "replicate",
     "shard_batch",
 ]
@@ -274,6 +276,22 @@ def _learning_rate(opt_state: Any) -> jax.Array | None:
     return None
 
 
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """The paths (``jax.tree_util.keystr``) of the floating leaves of ``tree`` that hold a NaN
+    or an infinity; empty when every value is finite. Reads the arrays to the host."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        value = np.asarray(jax.device_get(leaf))
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def _select(condition: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old``, leaf by leaf (a traced scalar)."""
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
 def _micro_batches(x: jax.Array, num: int, mesh: Mesh | None) -> jax.Array:
     """[B, ...] -> [num, B / num, ...] with micro-batch i = x[i::num].
 
@@ -297,6 +315,7 @@ def make_train_step(
     donate: bool = True,
     compiler_options: str | Mapping[str, Any] | None = "auto",
     steps_per_call: int = 1,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
 
@@ -333,8 +352,16 @@ def make_train_step(
         it). The batch then has a leading axis of K (one batch per step, ``[K, B, ...]``) and
         every metric one value per step ``[K]``; the result equals K single-step calls.
 
+      skip_nonfinite: when the loss or any gradient component is NaN or infinite, leave the
+        params, EMA params, optimiser and loss state as they were and only advance the step (so
+        the next step sees the next batch and key); the step's ``skipped`` metric is 1. This is
+        optax's ``apply_if_finite`` with the count kept outside the state: a caller stops a run
+        after N consecutive skips (the ``jaxdiff`` runner's ``max_nonfinite_steps``). False
+        applies every update, NaN included.
+
     Returns:
       ``train_step``; its metrics are ``loss``, ``grad_norm`` (before clipping), ``ema_decay``,
+      ``skipped`` (1.0 when the update was skipped as non-finite, else 0.0),
       ``learning_rate`` when the optimiser state holds one, and the loss's aux. A global batch
       that is not divisible by the device count (times A) raises a ValueError.
     """
@@ -404,7 +431,22 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         decay = decay_fn(state.step)
         ema_params = ema_update(state.ema_params, params, decay)
-        metrics = {**aux, "loss": loss, "grad_norm": grad_norm, "ema_decay": decay}
+        # A NaN or Inf anywhere in the gradient makes the sum of squares non-finite.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        skipped = jnp.zeros((), jnp.float32)
+        if skip_nonfinite:
+            skipped = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
+            keep = functools.partial(_select, finite)
+            params, ema_params = keep(params, state.params), keep(ema_params, state.ema_params)
+            opt_state = keep(opt_state, state.opt_state)
+            loss_state = keep(loss_state, state.loss_state)
+        metrics = {
+            **aux,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "ema_decay": decay,
+            "skipped": skipped,
+        }
         learning_rate = _learning_rate(opt_state)
         if learning_rate is not None:
             metrics["learning_rate"] = learning_rate
