@@ -1594,11 +1594,64 @@ def openai_recording(gd):
         yield recorder
 
 
-def ddim_time_pairs(steps: int, sampling_steps: int) -> list[tuple[int, int]]:
-    """The time pairs of lucid ``ddim_sample``: its torch expression, evaluated here."""
-    times = torch.linspace(-1, steps - 1, steps=sampling_steps + 1)
-    times = list(reversed(times.int().tolist()))
-    return list(zip(times[:-1], times[1:], strict=False))
+class TimeRecordingModel(torch.nn.Module):
+    """Returns zeros (a pred_noise of 0) and keeps the time tensor it is fed at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels = self.out_dim = 1
+        self.self_condition = False
+        self.random_or_learned_sinusoidal_cond = False
+        self.times: list[int] = []
+
+    def forward(self, x, t, x_self_cond=None):
+        assert bool((t == t[0]).all()), t
+        self.times.append(int(t[0]))
+        return torch.zeros_like(x)
+
+
+def recorded_ddim_time_pairs(refs, steps: int, sampling_steps: int) -> list[tuple[int, int]]:
+    """The (time, time_next) pairs of lucid ``ddim_sample``, taken from a run of it: the list
+    the reference hands its progress bar (its ``tqdm`` name is replaced by a recorder), checked
+    against the times its model is fed and the noise it draws (only where time_next >= 0)."""
+    model = TimeRecordingModel()
+    diffusion = refs.ddp.GaussianDiffusion(
+        model,
+        image_size=1,
+        timesteps=steps,
+        sampling_timesteps=sampling_steps,
+        auto_normalize=False,
+    )
+    iterated: list[list] = []
+
+    def recording_tqdm(iterable=None, *args, **kwargs):
+        iterated.append(list(iterable))
+        return iterated[-1]
+
+    draws = RandnLikeCounter(torch)
+    targets = [(refs.ddp, "tqdm", recording_tqdm), (refs.ddp, "torch", draws)]
+    with patched(targets):
+        diffusion.ddim_sample((1, 1, 1, 1))
+    assert len(iterated) == 1, len(iterated)
+    pairs = [(int(a), int(b)) for a, b in iterated[0]]
+    assert model.times == [time for time, _ in pairs], (model.times, pairs)
+    assert draws.count == sum(time_next >= 0 for _, time_next in pairs)
+    assert pairs[-1][1] == -1 and all(b >= 0 for _, b in pairs[:-1]), pairs
+    return pairs
+
+
+class RandnLikeCounter:
+    """A stand-in for the ``torch`` name that counts ``randn_like`` calls; all else is torch."""
+
+    def __init__(self, real):
+        self._real, self.count = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def randn_like(self, *args, **kwargs):
+        self.count += 1
+        return self._real.randn_like(*args, **kwargs)
 
 
 def exact_time_pairs(steps: int, sampling_steps: int) -> list[tuple[int, int]]:
@@ -1704,14 +1757,22 @@ def lucid_ddim_case(store, refs, case, sampling_steps, eta, objective, self_cond
         auto_normalize=False,
     )
     torch_seed = seed_for(f"samplers:{case}:torch")
+    iterated: list[list] = []
+
+    def recording_tqdm(iterable=None, *args, **kwargs):
+        iterated.append(list(iterable))
+        return iterated[-1]
+
     with (
         lucid_recording(refs) as recorder,
         StepWrapper(diffusion, "model_predictions", recorder) as calls,
+        patched([(refs.ddp, "tqdm", recording_tqdm)]),
     ):
         torch.manual_seed(torch_seed)
         imgs = diffusion.ddim_sample(SAMPLER_SHAPE, return_all_timesteps=True)
     imgs = imgs.transpose(0, 1)
-    pairs = ddim_time_pairs(steps, sampling_steps)
+    assert len(iterated) == 1, len(iterated)
+    pairs = [(int(a), int(b)) for a, b in iterated[0]]  # the list ddim_sample iterated over
     fed = [int(args[1][0]) for args, _ in calls.args]
     # the model is fed each pair's first time; noise is drawn exactly where time_next >= 0
     assert fed == [time for time, _ in pairs], (fed, pairs)
@@ -1748,20 +1809,20 @@ def lucid_ddim_case(store, refs, case, sampling_steps, eta, objective, self_cond
         layout={
             **STEP_LAYOUT,
             "steps": "[S, 2] int64 (time, time_next) of each iteration; the same as time_pairs",
-            "time_pairs": "[S, 2] int64, ddim_sample's pairs (torch expression, see PROVENANCE; "
-            "checked against the times the model was fed)",
+            "time_pairs": "[S, 2] int64, the pairs ddim_sample iterated over (recorded from "
+            "the run, see PROVENANCE; checked against the times the model was fed)",
             "imgs": "[S+1, B, C, H, W] x_T then the image after each step (transposed from "
             "the reference's [B, S+1, ...]); the last step sets img = x_start",
         },
     )
 
 
-def lucid_ddim_time_pairs_case(store, steps):
+def lucid_ddim_time_pairs_case(store, refs, steps):
     case = f"lucid/ddim_time_pairs/T{steps}"
     ns = list(range(1, steps + 1))
     values, offsets, differs, examples = [], [0], [], []
     for n in ns:
-        pairs = ddim_time_pairs(steps, n)
+        pairs = recorded_ddim_time_pairs(refs, steps, n)
         exact = exact_time_pairs(steps, n)
         if pairs != exact:
             differs.append(n)
@@ -1781,9 +1842,10 @@ def lucid_ddim_time_pairs_case(store, steps):
         kind="lucid_ddim_time_pairs",
         reference="lucid",
         T=steps,
-        expression="times = torch.linspace(-1, T - 1, steps=S + 1); "
-        "times = list(reversed(times.int().tolist())); pairs = zip(times[:-1], times[1:]) "
-        "(ddim_sample's expression, evaluated by this script with torch; float32 default)",
+        call="GaussianDiffusion(model, image_size=1, timesteps=T, sampling_timesteps=S, "
+        "auto_normalize=False).ddim_sample((1, 1, 1, 1)) for every S, with a model that returns "
+        "zeros and records the time it is fed; the pairs are the list ddim_sample hands to its "
+        "tqdm (recorded), checked against the fed times and the noise draws",
         layout="pairs for S = ns[i] are values[offsets[i]:offsets[i+1]] ([S, 2] int64, loop "
         "order); exact_differs lists the S whose pairs differ from trunc(-1 + i*T/S) in exact "
         "rational arithmetic",
@@ -1990,7 +2052,7 @@ def gen_samplers(refs) -> Store:
 
     # 4. lucid DDIM time pairs for every S
     for steps in (1000, 37):
-        lucid_ddim_time_pairs_case(store, steps)
+        lucid_ddim_time_pairs_case(store, refs, steps)
 
     # 5. openai DDPM
     ddpm_cases = [("cosine", 24, m, v, True) for m in MEAN_TYPES for v in VAR_TYPES]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import gaussian, losses, schedules
-from tests.parity._fixtures import RTOL, assert_close, load
+from tests.parity._fixtures import F64_TABLE, LOG_SNR, TABLE, assert_close, load
 
 ARR, META = load("schedules")
 LUCID_CASES = sorted(k for k, v in META.items() if v.get("reference") == "lucid" and "T" in v)
@@ -25,9 +25,6 @@ SHARED = [
     "posterior_mean_coef1",
     "posterior_mean_coef2",
 ]
-# float64 against float64: torch's and NumPy's exp/cos differ by an ulp, and 1 - abar_{t+1}/abar_t
-# cancels up to ~1e3 of them.
-F64_RTOL = 1e-10
 GAMMAS = {"off": None, "g5": 5.0, "g3": 3.0}
 OBJECTIVES = ["pred_noise", "pred_x0", "pred_v"]
 
@@ -41,22 +38,22 @@ def test_lucid_tables(case):
     meta = META[case]
     betas = _betas(meta)
     # float64 betas: the same formula in float64 on both sides.
-    np.testing.assert_allclose(betas, ARR[f"{case}/betas_f64"], rtol=F64_RTOL, atol=1e-15)
+    assert_close(betas, ARR[f"{case}/betas_f64"], F64_TABLE, err_msg=f"{case}/betas_f64")
     c = gaussian.make_coeffs(betas, convention="lucidrains")
     for name in SHARED:
         if f"{case}/{name}" in ARR:
-            assert_close(getattr(c, name), ARR[f"{case}/{name}"], err_msg=f"{case}/{name}")
+            assert_close(getattr(c, name), ARR[f"{case}/{name}"], TABLE, err_msg=f"{case}/{name}")
     for objective in OBJECTIVES:
         for tag, gamma in GAMMAS.items():
             key = f"{case}/loss_weight/{objective}/{tag}"
-            assert_close(losses.loss_weight(c.snr, objective, gamma), ARR[key], err_msg=key)
+            assert_close(losses.loss_weight(c.snr, objective, gamma), ARR[key], TABLE, err_msg=key)
 
 
 @pytest.mark.parametrize("case", OPENAI_CASES)
 def test_openai_tables(case):
     meta = META[case]
     betas = schedules.get_named_beta_schedule(meta["schedule"], meta["T"])
-    np.testing.assert_allclose(betas, ARR[f"{case}/betas"], rtol=F64_RTOL, atol=1e-15)
+    assert_close(betas, ARR[f"{case}/betas"], F64_TABLE, err_msg=f"{case}/betas")
     if "error" in meta:
         # improved-diffusion cannot build a one-step process (it indexes beta-tilde_1); jaxdiff
         # can, and falls back to beta_0 for the t = 0 variance.
@@ -68,7 +65,7 @@ def test_openai_tables(case):
     # improved-diffusion keeps float64 tables and casts each gathered value to float32.
     for name in meta["stored"]:
         expected = ARR[f"{case}/{name}"].astype(np.float32)
-        assert_close(getattr(c, name), expected, err_msg=f"{case}/{name}")
+        assert_close(getattr(c, name), expected, TABLE, err_msg=f"{case}/{name}")
 
 
 @pytest.mark.parametrize(
@@ -94,9 +91,8 @@ def test_continuous_log_snr(case):
             schedules.simple_cosine_log_snr, 64, 32, 64
         ),
     }[case]
-    # log-SNR near t = 0 comes from log(expm1(~1e-4)) or log(tan(~3e-4)): float32 cancellation
-    # of a few ulps in the argument is a 1e-4 relative change of a value of order 10.
-    assert_close(fn(t), ARR[f"{case}/log_snr"], rtol=RTOL, atol=2e-4, err_msg=case)
+    # log-SNR near t = 0 comes from log(expm1(~1e-4)) or log(tan(~3e-4)) (see LOG_SNR).
+    assert_close(fn(t), ARR[f"{case}/log_snr"], LOG_SNR, err_msg=case)
 
 
 RESP, RESP_META = load("respacing")
@@ -156,8 +152,8 @@ def test_spaced_diffusion_tables(case):
     np.testing.assert_array_equal(np.asarray(c.model_times), RESP[f"{case}/timestep_map"])
     kept = schedules.space_timesteps(meta["T"], meta["spec"])
     new_betas, _ = schedules.respace_betas(betas, kept)
-    np.testing.assert_allclose(new_betas, RESP[f"{case}/betas"], rtol=F64_RTOL, atol=1e-15)
+    assert_close(new_betas, RESP[f"{case}/betas"], F64_TABLE, err_msg=f"{case}/betas")
     for name in gaussian.DiffusionCoeffs._fields:
         key = f"{case}/{name}"
         if key in RESP and name != "timestep_map":
-            assert_close(getattr(c, name), RESP[key].astype(np.float32), err_msg=key)
+            assert_close(getattr(c, name), RESP[key].astype(np.float32), TABLE, err_msg=key)

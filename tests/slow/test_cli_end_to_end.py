@@ -122,11 +122,8 @@ def test_bad_input_is_reported_and_never_touches_a_good_checkpoint(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = _jaxdiff("train", "--workdir", str(tmp_path / "y"), "--data-dir", str(empty), *TINY)
-    assert (
-        result.returncode == 1
-        and "empty" in result.stderr.lower()
-        or "no image" in result.stderr.lower()
-    )
+    stderr = result.stderr.lower()
+    assert result.returncode == 1 and ("empty" in stderr or "no image" in stderr), result.stderr
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "a.png").write_bytes(b"not a png")
