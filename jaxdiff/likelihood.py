@@ -7,7 +7,10 @@ The variational bound of Ho et al. (2020, Eq. 5) in bits per dimension:
     \\underbrace{- \\log p(x_0 | x_1)}_{decoder}
 
 Both references use the tanh approximation of the normal CDF inside the decoder; the exact erf
-CDF is offered as ``cdf="exact"``.
+CDF is offered as ``cdf="exact"``. The decoder's tail probabilities are computed without
+cancellation by default (``tails="exact"``); ``tails="reference"`` repeats the references'
+float32 arithmetic operation for operation, to reproduce their loss and bits/dim numbers
+(see :func:`discretized_gaussian_log_likelihood`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from jaxdiff.gaussian import DiffusionCoeffs
 
 __all__ = [
     "CDFS",
+    "TAILS",
     "BpdResult",
     "approx_standard_normal_cdf",
     "calc_bpd_loop",
+    "check_tails",
     "discretized_gaussian_log_likelihood",
     "mean_flat",
     "normal_kl",
@@ -37,6 +42,7 @@ __all__ = [
 
 LN2 = math.log(2.0)
 CDFS = ("approx", "exact")
+TAILS = ("exact", "reference")
 
 
 def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
@@ -87,6 +93,58 @@ def _cdf_fn(cdf: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     return approx_standard_normal_cdf if cdf == "approx" else standard_normal_cdf
 
 
+def check_tails(tails: str) -> str:
+    """Validate a ``tails=`` option (see :func:`discretized_gaussian_log_likelihood`)."""
+    if tails not in TAILS:
+        raise ValueError(
+            f"unknown tails {tails!r}; choose 'exact' (tail probabilities without cancellation, "
+            "the default) or 'reference' (the references' float32 arithmetic, to reproduce "
+            "their numbers)"
+        )
+    return tails
+
+
+@jax.custom_jvp
+def _rounded_tanh(u: jnp.ndarray) -> jnp.ndarray:
+    # tanh to within about an ulp of the correctly rounded value, as torch's CPU tanh is. XLA's
+    # own tanh is off by several ulps and saturates to +-1 early, which near |tanh| = 1 moves the
+    # references' tail probabilities 0.5 (1 - |tanh|) by whole float32 steps of ~6e-8.
+    a = jnp.abs(u)
+    m = jnp.expm1(2.0 * a)
+    return jnp.sign(u) * jnp.where(a < 0.55, m / (m + 2.0), 1.0 - 2.0 / (m + 2.0))
+
+
+@_rounded_tanh.defjvp
+def _rounded_tanh_jvp(primals, tangents):
+    # torch's tanh backward, (1 - y^2) from the rounded output y.
+    y = _rounded_tanh(primals[0])
+    return y, tangents[0] * (1.0 - y * y)
+
+
+def _reference_tanh_cdf(x: jnp.ndarray) -> jnp.ndarray:
+    # The references' own form of the tanh CDF: 1 + tanh(u) cancels in the lower tail.
+    return 0.5 * (1.0 + _rounded_tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _reference_tails_log_likelihood(x, means, log_scales, cdf, log_floor, threshold):
+    dtype = jnp.result_type(x, means, log_scales)
+    x, means, log_scales = (a.astype(jnp.float32) for a in (x, means, log_scales))
+    phi = _reference_tanh_cdf if cdf == "approx" else standard_normal_cdf
+    centered = x - means
+    inv_stdv = jnp.exp(-log_scales)
+    cdf_plus = phi(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = phi(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, log_floor))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, log_floor))
+    log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, log_floor))
+    out = jnp.where(
+        x < -threshold,
+        log_cdf_plus,
+        jnp.where(x > threshold, log_one_minus_cdf_min, log_cdf_delta),
+    )
+    return out.astype(dtype)
+
+
 def discretized_gaussian_log_likelihood(
     x: jnp.ndarray,
     *,
@@ -95,6 +153,7 @@ def discretized_gaussian_log_likelihood(
     cdf: str = "approx",
     log_floor: float = 1e-12,
     threshold: float = 0.999,
+    tails: str = "exact",
 ) -> jnp.ndarray:
     """Log-likelihood (nats) of 8-bit data scaled to [-1, 1] under a discretised Gaussian.
 
@@ -107,10 +166,32 @@ def discretized_gaussian_log_likelihood(
     1e-15 in denoising-diffusion-pytorch's ``LearnedGaussianDiffusion``), which also keeps the
     unused branches finite so that gradients through ``where`` stay finite.
 
-    The references compute ``1 - Phi(z)`` and bins above the mean as differences of CDF values
-    close to 1, which float32 resolves only to ~6e-8: a bin of probability p gets a relative error
-    of ~6e-8 / p. Here the upper tail uses the symmetry ``1 - Phi(z) = Phi(-z)``, so every
-    probability keeps float32's relative accuracy; where p is not tiny the two agree to rounding.
+    With :math:`z_\\pm = (x - \\mu \\pm 1/255)/s`, :math:`\\epsilon` = ``log_floor`` and
+    :math:`\\tau` = ``threshold``, the two ``tails`` modes are:
+
+    * ``"exact"`` (default): every probability keeps float32's relative accuracy, using the
+      symmetry :math:`1 - \\Phi(z) = \\Phi(-z)`:
+
+      .. math:: \\log p = \\begin{cases} \\log\\max(\\Phi(z_+), \\epsilon) & x < -\\tau \\\\
+          \\log\\max(\\Phi(-z_-), \\epsilon) & x > \\tau \\\\
+          \\log\\max(\\Phi(-z_-) - \\Phi(-z_+), \\epsilon) & z_- > 0 \\\\
+          \\log\\max(\\Phi(z_+) - \\Phi(z_-), \\epsilon) & \\text{otherwise} \\end{cases}
+
+    * ``"reference"``: the references' own float32 arithmetic, operation for operation (inputs
+      cast to float32; with ``cdf="approx"`` the CDF is evaluated as the references write it,
+      :math:`\\tfrac12(1 + \\tanh(\\cdot))`), so that their loss and bits/dim numbers are
+      reproduced to float32 rounding:
+
+      .. math:: \\log p = \\begin{cases} \\log\\max(\\Phi(z_+), \\epsilon) & x < -\\tau \\\\
+          \\log\\max(1 - \\Phi(z_-), \\epsilon) & x > \\tau \\\\
+          \\log\\max(\\Phi(z_+) - \\Phi(z_-), \\epsilon) & \\text{otherwise} \\end{cases}
+
+      ``1 - Phi(z)`` and bins above the mean are then differences of CDF values close to 1,
+      which float32 resolves only to ~6e-8: a bin of probability p gets a relative error of
+      ~6e-8 / p, and bins with p below ~6e-8 can fall to the floor (or, in the lower tail of
+      the tanh form, where ``1 + tanh`` cancels, a tiny ``Phi(z_+)`` likewise). Where p is not
+      tiny the two modes agree to rounding; they differ where a model fits poorly (e.g. the
+      decoder at t = 0 of an untrained network).
 
     Args:
       x: data on the 256-value grid in [-1, 1].
@@ -118,6 +199,8 @@ def discretized_gaussian_log_likelihood(
       cdf: ``"approx"`` (tanh; both references) or ``"exact"`` (erf).
       log_floor: floor of each probability.
       threshold: |x| above which a value is an edge bin.
+      tails: ``"exact"`` or ``"reference"``, as above. Only ``cdf="approx"`` with
+        ``tails="reference"`` reproduces the references' numbers.
 
     Returns:
       elementwise log-likelihoods in nats, shape of x.
@@ -130,6 +213,8 @@ def discretized_gaussian_log_likelihood(
             f"{x.shape}, {means.shape}, {log_scales.shape}"
         )
     phi = _cdf_fn(cdf)
+    if check_tails(tails) == "reference":
+        return _reference_tails_log_likelihood(x, means, log_scales, cdf, log_floor, threshold)
     centered = x - means
     inv_stdv = jnp.exp(-log_scales)
     plus_in = inv_stdv * (centered + 1.0 / 255.0)
@@ -160,6 +245,7 @@ def vb_terms_bpd(
     clip_denoised: bool = False,
     cdf: str = "approx",
     log_floor: float = 1e-12,
+    tails: str = "exact",
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One term of the variational bound, in bits per dimension.
 
@@ -173,13 +259,15 @@ def vb_terms_bpd(
       model_output: the network output at (x_t, t) (2C channels for learned variances).
       x0: [B, ..., C] data on the 256-value grid; x_t: the noised data; t: [B] timesteps.
       mean_type, var_type, clip_denoised: as :func:`jaxdiff.gaussian.p_mean_variance`.
-      cdf, log_floor: as :func:`discretized_gaussian_log_likelihood`.
+      cdf, log_floor, tails: as :func:`discretized_gaussian_log_likelihood`
+        (``tails="reference"`` reproduces improved-diffusion's float32 ``_vb_terms_bpd``).
 
     Returns:
       ``(bpd, pred_x0)``: [B] bits/dim and the model's x0.
 
     References: Nichol & Dhariwal 2021, Eq. 4-6; improved-diffusion ``_vb_terms_bpd``.
     """
+    check_tails(tails)
     true_mean, _, true_log_variance = gaussian.q_posterior_mean_variance(c, x0, x_t, t)
     out = gaussian.p_mean_variance(
         c,
@@ -194,7 +282,12 @@ def vb_terms_bpd(
     decoder_nll = (
         -mean_flat(
             discretized_gaussian_log_likelihood(
-                x0, means=out.mean, log_scales=0.5 * out.log_variance, cdf=cdf, log_floor=log_floor
+                x0,
+                means=out.mean,
+                log_scales=0.5 * out.log_variance,
+                cdf=cdf,
+                log_floor=log_floor,
+                tails=tails,
             )
         )
         / LN2
@@ -234,6 +327,7 @@ def calc_bpd_loop(
     var_type: str = "fixed_small",
     clip_denoised: bool = True,
     cdf: str = "approx",
+    tails: str = "exact",
     model_kwargs: dict | None = None,
 ) -> BpdResult:
     """The full variational bound in bits/dim: every timestep's term plus the prior.
@@ -247,7 +341,8 @@ def calc_bpd_loop(
       c: coefficient table (respaced tables give the bound of the respaced chain).
       x0: [B, ..., C] data on the 256-value grid in [-1, 1].
       key / noise: randomness, exactly one of them.
-      mean_type, var_type, clip_denoised, cdf: as :func:`vb_terms_bpd`.
+      mean_type, var_type, clip_denoised, cdf, tails: as :func:`vb_terms_bpd`
+        (``tails="reference"`` reproduces improved-diffusion's float32 ``calc_bpd_loop``).
 
     Returns:
       :class:`BpdResult`.
@@ -256,6 +351,7 @@ def calc_bpd_loop(
     """
     if (key is None) == (noise is None):
         raise ValueError("calc_bpd_loop needs exactly one of key= or noise=")
+    check_tails(tails)
     num_steps = c.num_timesteps
     if noise is not None and noise.shape != (num_steps, *x0.shape):
         raise ValueError(
@@ -283,6 +379,7 @@ def calc_bpd_loop(
             var_type=var_type,
             clip_denoised=clip_denoised,
             cdf=cdf,
+            tails=tails,
         )
         xstart_mse = mean_flat(jnp.square(pred_x0 - x0))
         eps_hat = gaussian.predict_eps_from_x0(c, x_t, t, pred_x0)

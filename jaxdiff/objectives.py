@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import continuous, gaussian, losses
+from jaxdiff import continuous, gaussian, likelihood, losses
 from jaxdiff.gaussian import DiffusionCoeffs
 
 __all__ = ["LOSSES", "diffusion_loss_fn"]
@@ -51,6 +51,7 @@ def diffusion_loss_fn(
     var_type: str = "fixed_small",
     loss_type: str = "mse",
     vb_weight: float | None = None,
+    tails: str = "exact",
     log_snr_fn: Callable[[jax.Array], jax.Array] | None = None,
     train: bool = True,
 ) -> LossFn:
@@ -66,8 +67,9 @@ def diffusion_loss_fn(
       ``p_losses``: ``objective``, ``min_snr_gamma``, ``offset_noise_strength``,
       ``self_condition``);
     * ``"openai"``: :func:`jaxdiff.losses.training_losses`["loss"] (improved-diffusion:
-      ``mean_type``, ``var_type``, ``loss_type``, ``vb_weight``), its ``mse`` and ``vb`` terms as
-      metrics;
+      ``mean_type``, ``var_type``, ``loss_type``, ``vb_weight``, ``tails``), its ``mse`` and
+      ``vb`` terms as metrics (``tails="reference"`` reproduces improved-diffusion's float32
+      decoder term; see :func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`);
     * ``"continuous"``: :func:`jaxdiff.continuous.continuous_loss` with times ~ U[0, 1)
       (``log_snr_fn``, ``objective``, ``min_snr_gamma``).
 
@@ -110,6 +112,9 @@ def diffusion_loss_fn(
         raise ValueError(f"self_condition is supported with loss='simple', not {loss!r}")
     if offset_noise_strength and loss != "simple":
         raise ValueError(f"offset noise is supported with loss='simple', not {loss!r}")
+    likelihood.check_tails(tails)
+    if tails != "exact" and loss != "openai":
+        raise ValueError(f"tails={tails!r} is supported with loss='openai', not {loss!r}")
 
     def call(params, x, time, dropout_key, **kwargs):
         extra = {"train": True, "rngs": {"dropout": dropout_key}} if train else {}
@@ -178,6 +183,7 @@ def diffusion_loss_fn(
                 var_type=var_type,
                 loss_type=loss_type,
                 vb_weight=vb_weight,
+                tails=tails,
             )
             per_example = terms["loss"]
             aux = {k: jnp.mean(v) for k, v in terms.items() if k != "loss"}
