@@ -17,7 +17,10 @@ Layouts (PyTorch -> Flax):
 * memory key/values: full attention keeps ``[2, heads, slots, dim_head]``; linear attention's
   ``[2, heads, dim_head, slots]`` is transposed to the same layout.
 
-torch is imported only inside the functions that read or write ``.pt`` files.
+torch is imported only inside the functions that read or write ``.pt`` files. A weights file that
+cannot be read (missing, a directory, empty, truncated, junk bytes, a zip or pickle of something
+else, or a ``.pt`` without torch installed) raises a one-line ``FileNotFoundError`` or
+``ValueError`` naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -388,6 +392,88 @@ def extract_unet_state_dict(
     return out
 
 
+_PT_EXPECTED = "a PyTorch checkpoint written by torch.save (.pt / .pth)"
+_NPZ_EXPECTED = "a .npz of the reference state_dict (save_state_dict_npz)"
+_MSGPACK_EXPECTED = "Flax variables written by save_flax_params (flax.serialization msgpack)"
+_TORCH_HINT = (
+    "pip install torch==2.13.0 (the CPU wheel, also in the jaxdiff[parity] extra), or convert "
+    "the file to .npz where torch is installed"
+)
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened: the cause inside a one-line error."""
+    text = str(error).strip().splitlines()
+    text = text[0] if text else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _readable_file(path: str | os.PathLike, expected: str) -> Path:
+    """``path`` as a Path after checking it is a non-empty regular file; else a one-line
+    FileNotFoundError / ValueError naming it and ``expected``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected {expected}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; expected {expected}")
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ValueError(f"cannot read {path} ({_one_line(error)}); expected {expected}") from None
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes); expected {expected}")
+    return path
+
+
+def _corrupt(path: Path, expected: str, error: BaseException | str) -> ValueError:
+    cause = (error if isinstance(error, str) else _one_line(error)).rstrip(".")
+    return ValueError(
+        f"cannot read {path}: {cause}. Expected {expected}; the file is truncated, corrupt or "
+        f"of another kind"
+    )
+
+
+def _read_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, every failure one ValueError
+    (or FileNotFoundError) naming the file. torch is needed only for a plausible file."""
+    path = _readable_file(path, _PT_EXPECTED)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip format (PyTorch >= 1.6)
+        if not zipfile.is_zipfile(path):
+            raise _corrupt(path, _PT_EXPECTED, "a truncated or damaged zip archive")
+    elif head[:1] != b"\x80":  # a legacy torch.save file is a pickle (protocol 2+)
+        raise _corrupt(path, _PT_EXPECTED, "neither a zip archive nor a pickle")
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(
+            f"reading {path} needs PyTorch, which is not installed: {_TORCH_HINT}"
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types; one clear message
+        raise _corrupt(path, _PT_EXPECTED, error) from None
+
+
+def _read_npz_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz``, every failure one ValueError (or FileNotFoundError) naming it."""
+    path = _readable_file(path, _NPZ_EXPECTED)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as error:  # noqa: BLE001 - zipfile / numpy raise many types
+        raise _corrupt(path, _NPZ_EXPECTED, error) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise _corrupt(path, _NPZ_EXPECTED, "it is a single .npy array, not a .npz archive")
+    try:
+        with data:
+            return {k: data[k] for k in data.files}
+    except Exception as error:  # noqa: BLE001
+        raise _corrupt(path, _NPZ_EXPECTED, error) from None
+
+
 def load_torch_checkpoint(
     path: str | os.PathLike,
     config: ConfigLike,
@@ -401,12 +487,7 @@ def load_torch_checkpoint(
     executed), picks the Unet with :func:`extract_unet_state_dict` (``which="ema"`` by default
     for Trainer checkpoints) and converts it with :func:`torch_state_dict_to_flax`. Needs torch.
     """
-    import torch
-
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state_dict")
-    state = extract_unet_state_dict(checkpoint, which=which, prefix=prefix)
+    state = load_state_dict_file(Path(path), which=which, prefix=prefix, kind="pt")
     return torch_state_dict_to_flax(state, config)
 
 
@@ -416,9 +497,15 @@ def save_torch_checkpoint(
     """Write Flax variables as a bare reference ``Unet`` state_dict with ``torch.save``.
 
     ``Unet(**config).load_state_dict(torch.load(path, weights_only=True))`` reads it back in
-    PyTorch. Needs torch.
+    PyTorch. Needs torch (without it: a ValueError saying how to install it).
     """
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(
+            f"writing {path} needs PyTorch, which is not installed: pip install torch==2.13.0 "
+            "(the CPU wheel, also in the jaxdiff[parity] extra), or write a .npz instead"
+        ) from None
 
     state = flax_to_torch_state_dict(variables, config)
     tensors = {k: torch.from_numpy(v) for k, v in state.items()}
@@ -433,17 +520,31 @@ def save_state_dict_npz(
     return _write_atomic(Path(path), overwrite, lambda f: np.savez(f, **state))
 
 
-def load_state_dict_file(path: str | os.PathLike, **extract_kwargs) -> dict[str, Any]:
-    """The bare Unet state_dict from a ``.npz`` (numpy only) or a ``.pt`` file (needs torch)."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            state = {k: data[k] for k in data.files}
-    else:
-        import torch
+def load_state_dict_file(
+    path: str | os.PathLike, *, kind: str | None = None, **extract_kwargs
+) -> dict[str, Any]:
+    """The bare Unet state_dict from a ``.npz`` (numpy only) or a ``.pt`` file (needs torch).
 
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return extract_unet_state_dict(state, **extract_kwargs)
+    ``kind`` is ``"npz"`` or ``"pt"``; None picks by suffix (``.npz``, anything else is read as
+    a PyTorch file). ``extract_kwargs`` go to :func:`extract_unet_state_dict`.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      ValueError: one line naming the file, for a directory, an empty, truncated or junk file,
+        a file of another kind, a ``.pt`` without torch installed, or one holding no Unet.
+    """
+    path = Path(path)
+    if kind is None:
+        kind = "npz" if path.suffix == ".npz" else "pt"
+    if kind not in ("npz", "pt"):
+        raise ValueError(f"kind must be 'npz', 'pt' or None, got {kind!r}")
+    state = _read_npz_file(path) if kind == "npz" else _read_torch_file(path)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    try:
+        return extract_unet_state_dict(state, **extract_kwargs)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def save_flax_params(variables: Mapping, path: str | os.PathLike, *, overwrite=False) -> Path:
@@ -458,7 +559,13 @@ def load_flax_params(path: str | os.PathLike, config: ConfigLike) -> dict:
     Raises:
       ValueError: naming every parameter that is missing, unexpected or mis-shaped.
     """
-    restored = serialization.msgpack_restore(Path(path).read_bytes())
+    path = _readable_file(path, _MSGPACK_EXPECTED)
+    try:
+        restored = serialization.msgpack_restore(path.read_bytes())
+    except Exception as error:  # noqa: BLE001 - msgpack raises many types
+        raise _corrupt(path, _MSGPACK_EXPECTED, error) from None
+    if not isinstance(restored, Mapping):
+        raise _corrupt(path, _MSGPACK_EXPECTED, f"it holds a {type(restored).__name__}")
     table = torch_key_map(config)
     arrays = _checked_flax_arrays(restored, table)
     flat = {e.flax_path: jnp.asarray(arrays[key]) for key, e in table.items()}

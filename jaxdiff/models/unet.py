@@ -110,7 +110,7 @@ def _torch_bias_init(fan_in: int):
 
 def _dense(features: int, fan_in: int, name: str, dtype: Any = None) -> nn.Dense:
     """A Linear layer, or a 1x1 convolution on channels-last input, computing in ``dtype``
-    (None: float32) with float32 parameters."""
+    (the Unet passes its compute dtype; Flax casts the parameters to it)."""
     return nn.Dense(
         features,
         dtype=dtype,
@@ -144,13 +144,15 @@ class RMSNorm(nn.Module):
 
     The reference's ``RMSNorm``: an L2 normalisation (``F.normalize``) times a learned gain and
     sqrt(C); no mean is subtracted and there is no epsilon inside the square root. Computed in
-    float32 whatever the input's dtype, and returned in that dtype.
+    float32 whatever the dtype of the input and of the gain (bfloat16 params included), and
+    returned in the input's dtype.
     """
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         g = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        g = g.astype(jnp.float32)
         xf = x.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
         y = xf / jnp.maximum(norm, _NORM_EPS) * _channels_last(g, x.ndim) * math.sqrt(channels)
@@ -186,6 +188,7 @@ class FourierEmbedding(nn.Module):
     @nn.compact
     def __call__(self, time: jax.Array) -> jax.Array:
         w = self.param("weights", nn.initializers.normal(1.0), (self.dim // 2,), jnp.float32)
+        w = w.astype(jnp.float32)  # float32 features whatever the params' dtype
         if self.is_random:
             w = jax.lax.stop_gradient(w)
         t = time.astype(jnp.float32)[:, None]
@@ -333,18 +336,20 @@ class LinearAttention(_AttentionBase):
         for h in range(self.heads):
             k = self._project(x, kernel, 1, h).astype(jnp.float32)
             v = self._project(x, kernel, 2, h)
-            mem_k, mem_v = mem[0, h].astype(jnp.float32), mem[1, h]  # [M, d]
             # softmax of k over the memory slots and the N pixels together, without
-            # concatenating them: shared maximum, one normaliser.
-            peak = jnp.maximum(
-                jnp.max(k, axis=1, keepdims=True), jnp.max(mem_k, axis=0)[None, None]
-            )
+            # concatenating them: shared maximum, one normaliser. With num_mem_kv = 0 it is
+            # the softmax over the pixels alone (the reference concatenates zero slots).
+            peak = jnp.max(k, axis=1, keepdims=True)  # [B, 1, d]
+            if self.num_mem_kv:
+                mem_k, mem_v = mem[0, h].astype(jnp.float32), mem[1, h]  # [M, d]
+                peak = jnp.maximum(peak, jnp.max(mem_k, axis=0)[None, None])
             weight = jnp.exp(k - peak)
-            mem_weight = jnp.exp(mem_k[None] - peak)  # [B, M, d]
-            total = jnp.sum(weight, axis=1) + jnp.sum(mem_weight, axis=1)  # [B, d]
-            context = jnp.einsum("bnd,bne->bde", weight.astype(v.dtype), v) + jnp.einsum(
-                "bmd,me->bde", mem_weight.astype(v.dtype), mem_v
-            )
+            total = jnp.sum(weight, axis=1)  # [B, d]
+            context = jnp.einsum("bnd,bne->bde", weight.astype(v.dtype), v)
+            if self.num_mem_kv:
+                mem_weight = jnp.exp(mem_k[None] - peak)  # [B, M, d]
+                total = total + jnp.sum(mem_weight, axis=1)
+                context = context + jnp.einsum("bmd,me->bde", mem_weight.astype(v.dtype), mem_v)
             context = (context.astype(jnp.float32) / total[:, :, None]).astype(x.dtype)
             rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
             mixed.append(jnp.einsum("bde,ec->bdc", context, rows))
@@ -497,9 +502,12 @@ class Unet(nn.Module):
       num_mem_kv: memory key/value slots per attention layer (fixed at 4 in the reference).
 
     Execution options (not the reference's; they change no parameter):
-      dtype: the computation dtype, e.g. ``"bfloat16"`` (None: float32). Convolutions, dense
-        layers and attention products run in it; parameters stay float32 (Flax casts them per
-        layer), norms and softmaxes compute in float32, and the output is float32.
+      dtype: the computation dtype, e.g. ``"bfloat16"``. Convolutions, dense layers and
+        attention products run in it; parameters stay float32 (Flax casts them per layer),
+        norms, softmaxes and the time features compute in float32, and the output is float32.
+        None: the dtype of the floating parameters passed to ``apply`` (float32 unless they
+        were cast, e.g. to bfloat16 by ``make_train_step(compute_dtype=...)``; float32 when
+        they mix dtypes), with the same float32 norms, softmaxes and output.
       remat: recompute every ResNet block's and attention layer's activations in the backward
         pass instead of storing them (``flax.linen.remat``): less memory, more compute.
     """
@@ -586,7 +594,7 @@ class Unet(nn.Module):
 
     @property
     def compute_dtype(self) -> jnp.dtype:
-        """The computation dtype (``dtype``, float32 when None)."""
+        """The computation dtype with float32 parameters (``dtype``, float32 when None)."""
         if self.dtype is None:
             return jnp.dtype(jnp.float32)
         try:
@@ -662,6 +670,18 @@ class Unet(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def _apply_dtype(self) -> jnp.dtype:
+        """``dtype`` when set; else the one floating dtype of the parameters being applied
+        (float32 at init, when there are none, or when they mix dtypes)."""
+        if self.dtype is not None:
+            return self.compute_dtype
+        dtypes = {
+            leaf.dtype
+            for leaf in jax.tree.leaves(self.variables.get("params", {}))
+            if jnp.issubdtype(leaf.dtype, jnp.floating)
+        }
+        return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
+
     def _check_inputs(self, x, time, x_self_cond):
         if x.ndim != 4:
             raise ValueError(f"x must be [B, H, W, C] (channels last), got shape {x.shape}")
@@ -702,14 +722,14 @@ class Unet(nn.Module):
         """The network output [B, H, W, out_dim] for a noisy image x [B, H, W, channels].
 
         Args:
-          x: the input, channels last, float32.
+          x: the input, channels last (any floating dtype; cast to the compute dtype).
           time: [B] (or a scalar), the reference's raw time input: the integer step 0..T-1 for
             discrete diffusion, log-SNR for the continuous-time classes.
           x_self_cond: the self-conditioning x0 estimate, shape of x; zeros when None. Only
             with ``self_condition=True``.
           train: enables dropout, drawn from the ``'dropout'`` rng collection.
         """
-        dtype = self.compute_dtype
+        dtype = self._apply_dtype()
         x = jnp.asarray(x, jnp.float32).astype(dtype)
         time = jnp.asarray(time)
         if x_self_cond is not None:
@@ -745,7 +765,7 @@ class Unet(nn.Module):
                 i == num - 1,
                 self.dropout,
                 self.num_mem_kv,
-                self.dtype,
+                dtype,
                 self.remat,
                 name=f"downs_{i}",
             )
@@ -755,10 +775,10 @@ class Unet(nn.Module):
         mid = specs[-1].dim_out
         mid_spec = specs[-1]._replace(full_attn=True)
         block = _resnet_block(self.remat)
-        x = block(mid, self.dropout, self.dtype, name="mid_block1")(x, t, train)
-        mid_attn = _attention(mid_spec, self.num_mem_kv, self.dtype, self.remat, "mid_attn")
+        x = block(mid, self.dropout, dtype, name="mid_block1")(x, t, train)
+        mid_attn = _attention(mid_spec, self.num_mem_kv, dtype, self.remat, "mid_attn")
         x = mid_attn(x) + x
-        x = block(mid, self.dropout, self.dtype, name="mid_block2")(x, t, train)
+        x = block(mid, self.dropout, dtype, name="mid_block2")(x, t, train)
 
         for j, spec in enumerate(reversed(specs)):
             stage = UpStage(
@@ -766,15 +786,15 @@ class Unet(nn.Module):
                 j == num - 1,
                 self.dropout,
                 self.num_mem_kv,
-                self.dtype,
+                dtype,
                 self.remat,
                 name=f"ups_{j}",
             )
             x = stage(x, skips.pop(), t, train=train)
 
         x = jnp.concatenate([x, r], axis=-1)
-        x = block(init_dim, self.dropout, self.dtype, name="final_res_block")(x, t, train)
-        out = _dense(self.resolved_out_dim, init_dim, "final_conv", self.dtype)(x)
+        x = block(init_dim, self.dropout, dtype, name="final_res_block")(x, t, train)
+        out = _dense(self.resolved_out_dim, init_dim, "final_conv", dtype)(x)
         return out.astype(jnp.float32)
 
 
