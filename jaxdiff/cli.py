@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -128,9 +129,21 @@ def _train(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path("runs") / args.preset
     try:
         runner.train_and_evaluate(config, workdir)
+    except runner.Interrupted as stop:
+        again = " ".join(shlex.quote(a) for a in ["jaxdiff", *_argv(args)])
+        print(f"jaxdiff train: {stop}. Resume with: {again}", file=sys.stderr)
+        return 128 + stop.signum
     except ValueError as error:
         return _fail("train", error)
     return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line that ran (for "resume with"), with the workdir made explicit."""
+    argv = list(args.argv)
+    if args.workdir is None:
+        argv += ["--workdir", str(Path("runs") / args.preset)]
+    return argv
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -166,6 +179,7 @@ def _bpd(args: argparse.Namespace) -> int:
             seed=args.seed,
             step=args.step,
             at_init=args.at_init,
+            tails=args.tails,
         )
     except ValueError as error:
         return _fail("bpd", error)
@@ -249,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("--seed", type=int, default=0)
     bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     bpd.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
+    bpd.add_argument(
+        "--tails",
+        choices=("exact", "reference"),
+        default="exact",
+        help="decoder tail probabilities: exact (default) or the references' float32 arithmetic",
+    )
     bpd.set_defaults(run=_bpd)
     convert = commands.add_parser(
         "convert",
@@ -295,13 +315,28 @@ def _presets():
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.command != "convert":
         try:
             _compilation_cache(args.compilation_cache)
         except ValueError as error:
             return _fail(args.command, error)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"jaxdiff {args.command}: interrupted; nothing more was written", file=sys.stderr)
+        return 130
+    except OSError as error:  # e.g. a read-only or full disk outside the checkpoints
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(
+            f"jaxdiff {args.command}: {error.strerror or error}{where}. If the disk is full or "
+            "read-only, free some space or choose another location; files already written are "
+            "unchanged.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,13 +16,16 @@ curve into a workdir, and prints progress. Everything it computes comes from the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +40,8 @@ from jaxdiff.models import Unet
 
 __all__ = [
     "Config",
+    "Diverged",
+    "Interrupted",
     "DataConfig",
     "DiffusionConfig",
     "ModelConfig",
@@ -98,6 +103,7 @@ class RunConfig:
     sample_every: int = 500
     num_samples: int = 64
     sample_steps: int = 50
+    max_nonfinite_steps: int = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +128,7 @@ class Config:
             "sample_every",
             "num_samples",
             "sample_steps",
+            "max_nonfinite_steps",
         ):
             d["run"].pop(name)
         # remat recomputes the same values; float32, the default dtype, is left out so that
@@ -226,7 +233,8 @@ def _grid_png(images: np.ndarray, path: pathlib.Path) -> None:
         grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
     scale = max(1, 512 // grid.shape[0])
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    big = pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    big.save(path, format="PNG")
 
 
 def _loss_png(metrics_path: pathlib.Path, path: pathlib.Path) -> None:
@@ -234,7 +242,9 @@ def _loss_png(metrics_path: pathlib.Path, path: pathlib.Path) -> None:
     from PIL import Image, ImageDraw
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    points = [(r["step"], math.log10(max(r["loss"], 1e-12))) for r in rows if "loss" in r]
+    points = [
+        (r["step"], math.log10(max(r["loss"], 1e-12))) for r in rows if r.get("loss") is not None
+    ]
     width, height, pad = 640, 400, 50
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -255,7 +265,7 @@ def _loss_png(metrics_path: pathlib.Path, path: pathlib.Path) -> None:
         draw.text((4, pad // 2), f"{10**y1:.3g}", fill="black")
         draw.text((4, height - pad - 10), f"{10**y0:.3g}", fill="black")
     draw.text((pad, 4), "training loss (log scale)", fill="black")
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 def _sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sampler: str):
@@ -287,6 +297,41 @@ def _to_uint8(x) -> np.ndarray:
     return data.to_uint8(np.asarray(x))
 
 
+class Diverged(ValueError):
+    """The loss or a gradient was non-finite for ``max_nonfinite_steps`` consecutive steps."""
+
+    def __init__(self, message: str, *, step: int, latest_checkpoint: int | None):
+        super().__init__(message)
+        self.step = step
+        self.latest_checkpoint = latest_checkpoint
+
+
+class Interrupted(Exception):  # noqa: N818 (a stop request, not an error)
+    """SIGINT or SIGTERM stopped training; ``saved`` is the checkpoint step written on the way
+    out (None when the state could not be saved, e.g. inside a run of non-finite steps)."""
+
+    def __init__(self, signum: int, step: int, saved: int | None, latest: int | None):
+        name = signal.Signals(signum).name
+        what = (
+            f"saved the checkpoint of step {saved}"
+            if saved is not None
+            else f"nothing saved (the newest checkpoint is step {latest})"
+        )
+        super().__init__(f"stopped by {name} at step {step}; {what}")
+        self.signum, self.step, self.saved, self.latest = signum, step, saved, latest
+
+
+def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: a full disk or a kill never leaves a truncated
+    file where a good one was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
     """Keep only the lines up to the restored step: the steps a killed run logged after its
     last checkpoint are run, and logged, again (and a line torn by the kill is dropped)."""
@@ -298,7 +343,49 @@ def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    _write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def _json_line(values: dict) -> str:
+    """One strict-JSON line: a NaN or infinite value is written as null."""
+    clean = {
+        k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()
+    }
+    return json.dumps(clean, allow_nan=False)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM set a flag that the training loop checks after each step; a second
+    signal raises KeyboardInterrupt at once. Installed only in the main thread."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> int | None:
+        """The signal that asked to stop, agreed by every process (any process's request
+        stops all of them at the same step)."""
+        if jax.process_count() == 1:
+            return self.signum
+        from jax.experimental import multihost_utils
+
+        asked = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(np.max(asked)) or None
 
 
 def train_and_evaluate(
@@ -313,12 +400,60 @@ def train_and_evaluate(
     the same configuration (the batches are a function of the step and the seed, the step's
     randomness of the step and the key). A workdir trained with another configuration is
     refused with a ValueError naming the differences, and nothing in it is changed.
+
+    Faults lose no work:
+
+    * one process writes a workdir: a second run on it is refused at once
+      (:class:`jaxdiff.checkpoint.WorkdirLockedError`, naming the holder);
+    * a step whose loss or gradient is NaN or infinite is skipped (its update is not applied;
+      ``skipped_steps`` in ``metrics.jsonl``); after ``run.max_nonfinite_steps`` consecutive
+      skips the run stops with :class:`Diverged`, and no checkpoint is written inside such a
+      run of skips, so the newest finite checkpoint is never rotated out;
+    * SIGINT or SIGTERM saves a checkpoint at the current step and raises :class:`Interrupted`;
+    * ``metrics.jsonl`` is strict JSON (a non-finite value is null), and every other file is
+      replaced atomically.
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
     run = config.run
     if run.steps < 0 or run.batch_size < 1:
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got {run.steps}, {run.batch_size}")
+    if run.max_nonfinite_steps < 1:
+        raise ValueError(f"max_nonfinite_steps must be >= 1, got {run.max_nonfinite_steps}")
+    # Every process computes; only the first writes files (Orbax coordinates the checkpoints)
+    # and holds the workdir's lock.
+    main = jax.process_index() == 0
+    with _workdir_lock(workdir, main), _StopSignals() as stop:
+        return _train_locked(config, workdir, log, main, stop)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path, main: bool):
+    """Process 0 holds the workdir's lock for the run; when it is refused, every process
+    raises together (the others would otherwise wait for process 0 at Orbax's barrier)."""
+    lock = checkpoint.WorkdirLock(workdir)
+    error = None
+    if main:
+        try:
+            lock.acquire()
+        except checkpoint.CheckpointError as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if int(refused) and error is None:
+            raise ValueError(f"process 0 could not lock the workdir {str(workdir)!r}; see its log")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) -> train.TrainState:
+    run = config.run
     dataset = _dataset(config.data, "train" if config.data.dataset == "digits" else "all")
     if len(dataset) < run.batch_size:
         raise ValueError(
@@ -342,9 +477,6 @@ def train_and_evaluate(
     train_step = train.make_train_step(loss_fn, optimizer, mesh=mesh)
     state = _initial_state(config, model, optimizer, mesh)
 
-    # Every process computes; only the first writes files (Orbax coordinates the checkpoints).
-    main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
     with checkpoint.Checkpoints(
         workdir, config=config.identity(), save_every=run.save_every, keep=run.keep
     ) as ckpt:
@@ -354,9 +486,10 @@ def train_and_evaluate(
             log(f"resumed from the checkpoint of step {start} in {workdir}")
         metrics_path = workdir / "metrics.jsonl"
         if main:
-            (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            text = json.dumps(config.to_dict(), indent=2) + "\n"
+            _write_atomic(workdir / "config.json", lambda tmp: tmp.write_text(text))
             _truncate_metrics(metrics_path, start)
-        (workdir / "samples").mkdir(exist_ok=True)
+            (workdir / "samples").mkdir(exist_ok=True)
         sample = _sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
         sample_key = jax.random.PRNGKey(run.seed + 1)
 
@@ -364,10 +497,11 @@ def train_and_evaluate(
             images = _to_uint8(sample(state.ema_params, sample_key))
             if not main:
                 return
-            _grid_png(images, workdir / "samples" / f"step_{step}.png")
-            _grid_png(images, workdir / "samples" / "latest.png")
+            for name in (f"step_{step}.png", "latest.png"):
+                _write_atomic(workdir / "samples" / name, lambda tmp: _grid_png(images, tmp))
 
         step = int(state.step)
+        guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)
         window_start, window_images = time.perf_counter(), 0
         with open(metrics_path if main else os.devnull, "a") as metrics_file:
             while step < run.steps:
@@ -383,12 +517,19 @@ def train_and_evaluate(
                 state, metrics = train_step(state, train.shard_batch(batch, mesh))
                 step += 1
                 window_images += run.batch_size
-                ckpt.save(state)
+                # reads the previous step's flag, which is ready by now: no stall per step
+                guard.record(step, metrics["skipped"])
+                if step % run.save_every == 0 or guard.save_pending:
+                    guard.flush()
+                    guard.save(state)
                 if step % run.log_every == 0 or step == run.steps:
+                    guard.flush()
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     elapsed = time.perf_counter() - window_start
                     values["images_per_s"] = window_images / max(elapsed, 1e-9)
-                    metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+                    values.pop("skipped")  # the window's count instead of the last flag
+                    values["skipped_steps"] = guard.take_window()
+                    metrics_file.write(_json_line({"step": step, **values}) + "\n")
                     metrics_file.flush()
                     done = int(30 * step / max(run.steps, 1))
                     log(
@@ -398,21 +539,107 @@ def train_and_evaluate(
                     window_start, window_images = time.perf_counter(), 0
                 if step % run.sample_every == 0:
                     write_samples(step)
-        ckpt.save(state, force=True)
+                signum = stop.requested()
+                if signum is not None:
+                    guard.flush()
+                    guard.save(state, force=True)
+                    ckpt.wait()
+                    latest = ckpt.latest_step()
+                    raise Interrupted(signum, step, step if latest == step else None, latest)
+            guard.flush()
+            guard.save(state, force=True)
         write_samples(step)
         if main:
-            _loss_png(metrics_path, workdir / "loss.png")
+            _write_atomic(workdir / "loss.png", lambda tmp: _loss_png(metrics_path, tmp))
     log(f"done: {workdir} (samples/latest.png, loss.png, metrics.jsonl, checkpoints/)")
     return state
 
 
-def _restored(workdir: str | os.PathLike, step: int | None):
+class _NonFiniteGuard:
+    """Counts the train step's ``skipped`` flags on the host, one step late (the flag of step
+    n is read after step n + 1 is dispatched, so the device never waits for the host), stops
+    the run after ``limit`` consecutive skips, and holds back checkpoints inside a run of
+    skips."""
+
+    def __init__(self, limit: int, ckpt: checkpoint.Checkpoints, log):
+        self.limit, self.ckpt, self.log = limit, ckpt, log
+        self.streak = 0
+        self.window = 0
+        self.save_pending = False
+        self._pending: tuple[int, Any] | None = None
+
+    def record(self, step: int, flag) -> None:
+        previous, self._pending = self._pending, (step, flag)
+        if previous is not None:
+            self._count(*previous)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._count(*self._pending)
+            self._pending = None
+
+    def _count(self, step: int, flag) -> None:
+        if not float(flag):
+            self.streak = 0
+            return
+        self.streak += 1
+        self.window += 1
+        if self.streak == 1:
+            self.log(
+                f"step {step}: the loss or a gradient is NaN or infinite; the update is skipped "
+                f"(the run stops after {self.limit} in a row)"
+            )
+        if self.streak >= self.limit:
+            latest = self.ckpt.latest_step()
+            raise Diverged(
+                f"training diverged: the loss or a gradient was NaN or infinite at each of the "
+                f"{self.streak} steps {step - self.streak + 1}..{step} (updates skipped), so the "
+                f"run stopped. The newest checkpoint, step {latest}, is finite and kept. Lower "
+                "the learning rate (--lr), or raise --max-nonfinite-steps to wait longer.",
+                step=step,
+                latest_checkpoint=latest,
+            )
+
+    def take_window(self) -> int:
+        count, self.window = self.window, 0
+        return count
+
+    def save(self, state, *, force: bool = False) -> bool:
+        """Save unless the newest step was skipped (then retry after the next finite one)."""
+        if self.streak:
+            self.save_pending = True
+            return False
+        force, self.save_pending = force or self.save_pending, False
+        return self.ckpt.save(state, force=force)
+
+
+def _restored(workdir: str | os.PathLike, step: int | None, *, finite: bool = True):
     config = load_config(workdir)
     model = _model(config)
     optimizer = train.default_optimizer(config.run.lr)
     like = jax.eval_shape(lambda: _initial_state(config, model, optimizer, None))
     state = checkpoint.restore(workdir, like, step=step, config=config.identity())
+    bad = train.nonfinite_leaves(state.ema_params) if finite else []
+    if bad:
+        raise ValueError(
+            f"the checkpoint of step {int(state.step)} in {str(workdir)!r} holds NaN or "
+            f"infinite EMA parameters ({len(bad)} arrays, e.g. {bad[0]}): the run diverged "
+            f"before it was saved. Use an earlier step (--step N){_other_steps(workdir, state)}."
+        )
     return config, model, state
+
+
+def _other_steps(workdir, state) -> str:
+    others = [s for s in checkpoint.all_steps(workdir) if s != int(state.step)]
+    return f"; the workdir has steps {others}" if others else ""
+
+
+def _refuse_nonfinite(values, what: str, step: int) -> None:
+    if not np.isfinite(np.asarray(values)).all():
+        raise ValueError(
+            f"{what} of the checkpoint of step {step} are NaN or infinite, so nothing was "
+            "written; the model is broken at that step: try an earlier one (--step N)"
+        )
 
 
 def sample_images(
@@ -442,7 +669,9 @@ def sample_images(
     if not 1 <= steps <= config.diffusion.timesteps:
         raise ValueError(f"steps must be in [1, {config.diffusion.timesteps}], got {steps}")
     run = _sample_fn(config, model, num, steps, eta, sampler)
-    images = _to_uint8(run(state.ema_params, jax.random.PRNGKey(seed)))
+    raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed)))
+    _refuse_nonfinite(raw, "the samples", int(state.step))
+    images = _to_uint8(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     _grid_png(images, targets[0])
     np.savez_compressed(targets[1], images=images)
@@ -457,10 +686,14 @@ def evaluate_bpd(
     seed: int = 0,
     step: int | None = None,
     at_init: bool = False,
+    tails: str = "exact",
 ) -> dict[str, Any]:
     """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
-    per batch, fixed-small variance). ``at_init`` evaluates the untrained network instead."""
-    config, model, state = _restored(workdir, step)
+    per batch, fixed-small variance). ``at_init`` evaluates the untrained network instead;
+    ``tails="reference"`` computes the decoder term with the references' float32 arithmetic
+    (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`)."""
+    likelihood.check_tails(tails)
+    config, model, state = _restored(workdir, step, finite=not at_init)
     if at_init:
         optimizer = train.default_optimizer(config.run.lr)
         state = _initial_state(config, model, optimizer, None)
@@ -480,6 +713,7 @@ def evaluate_bpd(
             key=key,
             mean_type=config.diffusion.objective,
             var_type="fixed_small",
+            tails=tails,
         )
 
     totals, priors, decoders = [], [], []
@@ -490,12 +724,15 @@ def evaluate_bpd(
         totals.append(np.asarray(res.total_bpd))
         priors.append(np.asarray(res.prior_bpd))
         decoders.append(np.asarray(res.vb[:, 0]))
+    total = np.concatenate(totals)
+    _refuse_nonfinite(total, "the bits/dim", 0 if at_init else int(state.step))
     return {
-        "bits_per_dim": float(np.mean(np.concatenate(totals))),
+        "bits_per_dim": float(np.mean(total)),
         "prior_bpd": float(np.mean(np.concatenate(priors))),
         "decoder_bpd": float(np.mean(np.concatenate(decoders))),
         "split": split,
         "images": int(len(images)),
         "step": 0 if at_init else int(state.step),
         "timesteps": config.diffusion.timesteps,
+        "tails": tails,
     }
