@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-CORE = ["schedules", "gaussian", "likelihood", "losses", "continuous", "samplers"]
-ALLOWED_THIRD_PARTY = {"jax", "jaxlib", "numpy", "einops", "chex", "jaxdiff"}
+CORE = ["schedules", "gaussian", "likelihood", "losses", "continuous", "samplers", "metrics"]
+ALLOWED_THIRD_PARTY = {"jax", "jaxlib", "numpy", "scipy", "einops", "chex", "jaxdiff"}
 FORBIDDEN = ("flax", "optax", "orbax", "torch", "PIL", "tqdm")
 PKG = pathlib.Path(__file__).resolve().parents[2] / "jaxdiff"
 
