@@ -96,7 +96,24 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _fail(command: str, error: Exception) -> int:
-    print(f"jaxdiff {command}: {error}", file=sys.stderr)
+    from jaxdiff import checkpoint
+
+    message = str(error)
+    if isinstance(error, checkpoint.CorruptCheckpointError):
+        if error.remaining and command == "train":
+            n = max(error.remaining)
+            message += (
+                f"\nTo resume from step {n}, run again with --restore-step {n} (the newer "
+                f"checkpoints are moved to {checkpoint.SET_ASIDE}/, not deleted)."
+            )
+        elif error.remaining:
+            message += f"\nUse an earlier checkpoint with --step {max(error.remaining)}."
+        elif command == "train":
+            message += (
+                "\nTo start again from scratch, run again with --restore-step 0 (it is moved "
+                f"to {checkpoint.SET_ASIDE}/, not deleted)."
+            )
+    print(f"jaxdiff {command}: {message}", file=sys.stderr)
     return 1
 
 
@@ -128,7 +145,7 @@ def _train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     workdir = args.workdir or Path("runs") / args.preset
     try:
-        runner.train_and_evaluate(config, workdir)
+        runner.train_and_evaluate(config, workdir, restore_step=args.restore_step)
     except runner.Interrupted as stop:
         again = " ".join(shlex.quote(a) for a in ["jaxdiff", *_argv(args)])
         print(f"jaxdiff train: {stop}. Resume with: {again}", file=sys.stderr)
@@ -140,7 +157,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _argv(args: argparse.Namespace) -> list[str]:
     """The command line that ran (for "resume with"), with the workdir made explicit."""
-    argv = list(args.argv)
+    argv, skip = [], False
+    for a in args.argv:  # a --restore-step would set aside what this run saved
+        if skip or a.startswith("--restore-step="):
+            skip = False
+            continue
+        if a == "--restore-step":
+            skip = True
+            continue
+        argv.append(a)
     if args.workdir is None:
         argv += ["--workdir", str(Path("runs") / args.preset)]
     return argv
@@ -237,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="digits", choices=sorted(_presets()))
     train.add_argument("--workdir", type=Path, help="default: runs/<preset>")
     train.add_argument("--data-dir", dest="folder", help="train on this image folder instead")
+    train.add_argument(
+        "--restore-step",
+        type=int,
+        metavar="N",
+        help="resume from checkpoint N, not the newest (the newer ones are moved to "
+        "checkpoints-set-aside/, not deleted); 0 starts from scratch",
+    )
     _config_flags(train)
     train.set_defaults(run=_train)
 

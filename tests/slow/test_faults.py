@@ -196,3 +196,29 @@ def test_a_full_disk_and_a_read_only_disk_end_in_a_short_message(tmp_path):
         sampled = _jaxdiff("sample", "--workdir", str(disk / "run"), "--num", "4", "--steps",
                            "3", "--out", str(tmp_path / "grid"))  # fmt: skip
         assert sampled.returncode == 0, sampled.stderr
+
+
+def test_a_corrupt_newest_checkpoint_names_the_step_and_the_flag_to_use(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    base = ["train", "--workdir", str(workdir), "--steps", "4", "--save-every", "2", *TINY]
+    assert cli.main(base) == 0
+    state_dir = workdir / "checkpoints" / "4" / "state"
+    data = [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(data, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    capsys.readouterr()
+
+    out = tmp_path / "grid"
+    for command in (["sample", "--out", str(out)], ["bpd"]):
+        assert cli.main([command[0], "--workdir", str(workdir), *command[1:]]) == 1
+        err = capsys.readouterr().err
+        _short(err)
+        assert "step 4" in err and "corrupt" in err and "--step 2" in err, err
+    assert cli.main(base) == 1
+    err = capsys.readouterr().err
+    _short(err)
+    assert "step 4" in err and "--restore-step 2" in err, err
+    assert cli.main([*base, "--restore-step", "2"]) == 0
+    assert checkpoint.all_steps(workdir) == [2, 4]
+    assert (workdir / checkpoint.SET_ASIDE / "4" / "state").is_dir()  # kept, not deleted
+    assert not train.nonfinite_leaves(runner._restored(workdir, 4)[2])

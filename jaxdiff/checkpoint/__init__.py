@@ -33,31 +33,41 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import errno
-import fcntl
 import hashlib
 import json
-import logging
 import os
 import pathlib
-import shlex
 import shutil
-import socket
-import sys
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdiff.checkpoint.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    NonFiniteStateError,
+    WorkdirLockedError,
+    _write_error,
+)
+from jaxdiff.checkpoint.integrity import (
+    _INTEGRITY_FORMAT,
+    _first_nonfinite,
+    _host_leaves,
+    _integrity_record,
+    _verify,
+)
+from jaxdiff.checkpoint.lock import LOCK_FILE, WorkdirLock
+from jaxdiff.checkpoint.quiet import _quiet_orbax
+
 __all__ = [
+    "LOCK_FILE",
     "CheckpointError",
     "CheckpointWriteError",
     "Checkpoints",
@@ -72,178 +82,15 @@ __all__ = [
     "latest_step",
     "restore",
     "save",
+    "set_aside",
 ]
 
 _SUBDIR = "checkpoints"
-LOCK_FILE = "jaxdiff.lock"
-_INTEGRITY_FORMAT = 1
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
     """Where a workdir keeps its checkpoints: ``<workdir>/checkpoints``."""
     return pathlib.Path(workdir).absolute() / _SUBDIR
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-class CheckpointError(ValueError):
-    """Base of every error of this module; a few lines naming the directory, the step and the
-    fix (a ValueError, so that ``except ValueError`` keeps catching them)."""
-
-
-class WorkdirLockedError(CheckpointError):
-    """Another process holds the workdir's lock; ``holder`` is what it wrote into the lock
-    file (``pid``, ``host``, ``since``, ``command``), or ``{}`` while it is still starting."""
-
-    def __init__(self, message: str, *, path: pathlib.Path, holder: dict):
-        super().__init__(message)
-        self.path, self.holder = path, holder
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The checkpoint of ``step`` at ``path`` cannot be read or fails its checksums;
-    ``remaining`` lists the other complete steps (oldest first), ``reason`` says what is wrong."""
-
-    def __init__(
-        self, message: str, *, path: pathlib.Path, step: int, remaining: list[int], reason: str
-    ):
-        super().__init__(message)
-        self.path, self.step, self.remaining, self.reason = path, step, remaining, reason
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written to ``path`` (``step``, or None when the directory
-    itself could not be created); ``os_error`` is the operating system's message, if any."""
-
-    def __init__(self, message: str, *, path: pathlib.Path, step: int | None, os_error: str):
-        super().__init__(message)
-        self.path, self.step, self.os_error = path, step, os_error
-
-
-class NonFiniteStateError(CheckpointError):
-    """The state of ``step`` holds a NaN or an infinity in ``leaf`` (first such leaf path);
-    nothing was written."""
-
-    def __init__(self, message: str, *, step: int, leaf: str):
-        super().__init__(message)
-        self.step, self.leaf = step, leaf
-
-
-# --------------------------------------------------------------------------------------------
-# One writer per workdir
-# --------------------------------------------------------------------------------------------
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-class WorkdirLock:
-    """An exclusive lock on a workdir, held by the one process that writes it.
-
-    ``flock`` on ``<workdir>/jaxdiff.lock``: the kernel drops the lock when the holder exits,
-    however it exits (a SIGKILL included), so a stale lock never blocks the next run. The holder
-    writes its pid, host, start time and command line into the file, so that a refused process
-    can name it. Acquire once per run, on process 0 only::
-
-        with checkpoint.WorkdirLock(workdir):
-            ...  # train; a second process on the same workdir gets WorkdirLockedError
-
-    ``acquire`` raises :class:`WorkdirLockedError` at once when another holder (another process,
-    or another WorkdirLock object) has the lock, and :class:`CheckpointWriteError` when the lock
-    file cannot be written (a read-only workdir, a file system without locks).
-    """
-
-    def __init__(self, workdir: str | os.PathLike):
-        self.workdir = pathlib.Path(workdir).absolute()
-        self.path = self.workdir / LOCK_FILE
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        """Whether this object holds the lock."""
-        return self._fd is not None
-
-    def acquire(self) -> WorkdirLock:
-        if self._fd is not None:
-            raise CheckpointError(f"this WorkdirLock already holds {str(self.path)!r}")
-        try:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as err:
-            raise _write_error(self.workdir, None, err, what="write the lock file") from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise WorkdirLockedError(
-                    _locked_message(self.workdir, holder), path=self.path, holder=holder
-                ) from None
-            raise _write_error(self.workdir, None, err, what="write the lock file") from err
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": _utc_now(),
-            "command": shlex.join(sys.argv) if sys.argv and sys.argv[0] else sys.executable,
-        }
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        except OSError as err:
-            os.close(fd)
-            raise _write_error(self.workdir, None, err, what="write the lock file") from err
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Release the lock (a no-op when not held). The file stays, emptied."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-        os.close(fd)  # closing the last descriptor drops the flock
-
-    def __enter__(self) -> WorkdirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        holder = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def _locked_message(workdir: pathlib.Path, holder: dict) -> str:
-    if not holder:
-        who = "another process (it is starting and has not written its name yet)"
-    else:
-        who = (
-            f"process {holder.get('pid')} on host {holder.get('host')!r} since "
-            f"{holder.get('since')} (command: {holder.get('command')})"
-        )
-        pid = holder.get("pid")
-        if holder.get("host") == socket.gethostname() and isinstance(pid, int):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                who += f"; pid {pid} has exited, so a process it started still holds the lock"
-            except OSError:
-                pass
-    return (
-        f"workdir {str(workdir)!r} is in use: it is locked by {who}.\n"
-        "Wait for that run to end or stop it, or use another workdir; nothing was written."
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,171 +134,6 @@ def config_diff(saved: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
         for key in sorted(set(a) | set(b))
         if a.get(key, missing) != b.get(key, missing)
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Host copies, checksums and the finite check
-# --------------------------------------------------------------------------------------------
-
-
-def _host_leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
-    """``(keystr path, host array)`` of every leaf. A typed PRNG key becomes its key data; an
-    array split over several processes is gathered (a collective: every process calls this)."""
-    paths, leaves = [], []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            if leaf.sharding.is_fully_replicated:
-                leaf = leaf.addressable_shards[0].data
-            else:
-                leaf = multihost_utils.process_allgather(leaf, tiled=True)
-        paths.append(jax.tree_util.keystr(path))
-        leaves.append(leaf)
-    return list(zip(paths, (np.asarray(x) for x in jax.device_get(leaves)), strict=True))
-
-
-def _digest(value: np.ndarray) -> str:
-    flat = np.ascontiguousarray(value).reshape(-1)
-    return hashlib.sha256(flat.view(np.uint8).data).hexdigest()
-
-
-def _integrity_record(step: int, host: list[tuple[str, np.ndarray]]) -> dict:
-    return {
-        "format": _INTEGRITY_FORMAT,
-        "algorithm": "sha256",
-        "step": step,
-        "leaves": {
-            path: {"shape": list(value.shape), "dtype": str(value.dtype), "sha256": _digest(value)}
-            for path, value in host
-        },
-    }
-
-
-def _first_nonfinite(host: list[tuple[str, np.ndarray]]) -> str | None:
-    for path, value in host:
-        if jnp.issubdtype(value.dtype, jnp.inexact) and not np.isfinite(value).all():
-            return path
-    return None
-
-
-def _verify(state: Any, record: dict) -> str | None:
-    """The reason the restored ``state`` fails ``record``'s checksums, or None. Leaves restored
-    into another shape or dtype than they were saved with (a cast on restore) are not checked."""
-    leaves = record.get("leaves", {})
-    for path, value in _host_leaves(state):
-        expected = leaves.get(path)
-        if expected is None:
-            continue
-        if list(value.shape) != expected["shape"] or str(value.dtype) != expected["dtype"]:
-            continue
-        if _digest(value) != expected["sha256"]:
-            return (
-                f"the array {path} (shape {tuple(value.shape)}, {value.dtype}) differs from the "
-                "checksum written with it"
-            )
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Orbax plumbing: quiet logs, clear errors
-# --------------------------------------------------------------------------------------------
-
-_ORBAX_PARTS = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
-
-
-class _QuietOrbax(logging.Filter):
-    """Drops the records Orbax logs through absl (its background threads log every failure
-    with a traceback, which this module raises once, as a clear error, instead), and asyncio's
-    "exception was never retrieved" reports of Orbax's failed tasks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if any(part in record.pathname for part in _ORBAX_PARTS):
-            return False
-        if record.name == "asyncio" and record.exc_info and record.exc_info[2] is not None:
-            tb = record.exc_info[2]
-            while tb is not None:
-                if any(part in tb.tb_frame.f_code.co_filename for part in _ORBAX_PARTS):
-                    return False
-                tb = tb.tb_next
-        return True
-
-
-_QUIET = _QuietOrbax()
-_QUIET_LOCK = threading.Lock()
-_QUIET_LOGGERS = ("absl", "asyncio")
-
-
-def _late_callback(args: Any) -> bool:
-    """Whether an unraisable exception is a tensorstore write that completed after Orbax closed
-    the event loop of a failed save (its callback finds the loop closed)."""
-    tb = args.exc_traceback
-    return (
-        args.object is None
-        and isinstance(args.exc_value, RuntimeError)
-        and str(args.exc_value) == "Event loop is closed"
-        and tb is not None
-        and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
-    )
-
-
-def _unraisable_hook(args: Any) -> None:
-    if not _late_callback(args):
-        _previous_unraisable_hook(args)
-
-
-_previous_unraisable_hook = sys.unraisablehook
-
-
-def _quiet_orbax() -> None:
-    """Silence Orbax's failure reports (once, for the rest of the process: its background
-    threads may report a failure after the call that raised it returned, even after ``close``)."""
-    global _previous_unraisable_hook
-    with _QUIET_LOCK:
-        for name in _QUIET_LOGGERS:
-            logger = logging.getLogger(name)
-            if _QUIET not in logger.filters:
-                logger.addFilter(_QUIET)
-        if sys.unraisablehook is not _unraisable_hook:
-            _previous_unraisable_hook = sys.unraisablehook
-            sys.unraisablehook = _unraisable_hook
-
-
-_OS_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
-
-
-def _os_error(err: BaseException) -> str:
-    """The operating system's message behind ``err`` (walking its causes), else its text."""
-    seen, stack = set(), [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            return f"{e.strerror} (errno {errno.errorcode.get(e.errno, e.errno)})"
-        text = str(e)
-        for code in _OS_ERRORS:
-            if os.strerror(code) in text:
-                return f"{os.strerror(code)} (errno {errno.errorcode[code]})"
-        stack.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first[:300]}"
-
-
-def _write_error(
-    directory: pathlib.Path, step: int | None, err: BaseException, *, what: str | None = None
-) -> CheckpointWriteError:
-    reason = _os_error(err)
-    what = what or ("write checkpoints" if step is None else f"write the checkpoint of step {step}")
-    return CheckpointWriteError(
-        f"cannot {what} in {str(directory)!r}: {reason}.\n"
-        "Free space there or make it writable, or pick another workdir; the checkpoints already "
-        "there are untouched.",
-        path=directory,
-        step=step,
-        os_error=reason,
-    )
 
 
 def _manager(directory: pathlib.Path, **options) -> ocp.CheckpointManager:
@@ -775,6 +457,43 @@ def all_steps(workdir: str | os.PathLike) -> list[int]:
         return sorted(reader.all_steps())
     finally:
         reader.close()
+
+
+SET_ASIDE = "checkpoints-set-aside"
+
+
+def set_aside(workdir: str | os.PathLike, *, after: int) -> list[pathlib.Path]:
+    """Move every checkpoint newer than step ``after`` out of the way, into
+    ``<workdir>/checkpoints-set-aside/<step>`` (nothing is deleted), so that a run resumes from
+    step ``after`` (0: from the start). For a corrupt newest checkpoint, or to go back to an
+    earlier step. ``after`` must be 0 or a complete step. Process 0 moves; every process
+    returns the new paths once the move is done."""
+    steps = all_steps(workdir)
+    if after != 0 and after not in steps:
+        raise CheckpointError(
+            f"no complete checkpoint of step {after} in {str(checkpoint_dir(workdir))!r}; it has "
+            f"{steps} (0 starts from scratch)"
+        )
+    directory = checkpoint_dir(workdir)
+    target = pathlib.Path(workdir).absolute() / SET_ASIDE
+    moves = [
+        (p, target / p.name)
+        for p in sorted(directory.iterdir() if directory.is_dir() else [])
+        if p.name.split(".")[0].isdigit() and int(p.name.split(".")[0]) > after
+    ]
+    if jax.process_index() == 0:
+        for src, dst in moves:
+            n = 1
+            while dst.exists():  # set aside before: keep both
+                dst, n = target / f"{src.name}.{n}", n + 1
+            try:
+                target.mkdir(exist_ok=True)
+                src.rename(dst)
+            except OSError as err:
+                raise _write_error(target, None, err, what=f"set step {src.name} aside") from err
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxdiff-set-aside")
+    return [dst for _, dst in moves]
 
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
