@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxdiff.convert import _to_numpy
+
 __all__ = [
     "INCEPTION_INPUT_SIZE",
     "INCEPTION_WEIGHTS_FILE",
@@ -430,16 +432,6 @@ def _listed(keys) -> str:
     keys = sorted(keys)
     more = len(keys) - _MAX_LISTED
     return ", ".join(keys[:_MAX_LISTED]) + (f", ... and {more} more" if more > 0 else "")
-
-
-def _to_numpy(value) -> np.ndarray:
-    """A numpy array from a numpy / JAX array or a torch tensor (without importing torch)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
 
 
 def inception_variables_from_state_dict(
