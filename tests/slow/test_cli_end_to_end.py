@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import checkpoint, cli, runner
+from tests.slow import _xla_cache
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,7 @@ TINY = [
 
 
 def _jaxdiff(*args, **kwargs):
+    kwargs.setdefault("env", _xla_cache.env())
     return subprocess.run(
         [sys.executable, "-m", "jaxdiff.cli", *args], capture_output=True, text=True, **kwargs
     )
@@ -79,6 +81,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
         [sys.executable, "-m", "jaxdiff.cli", "train", "--workdir", str(killed), *steps],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=_xla_cache.env(),
     )
     deadline = time.time() + 300
     while (

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import checkpoint, cli, runner, train
+from tests.slow import _xla_cache
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +31,7 @@ MAX_STDERR_LINES = 40
 
 
 def _jaxdiff(*args, **kwargs):
+    kwargs.setdefault("env", _xla_cache.env())
     return subprocess.run(
         [sys.executable, "-m", "jaxdiff.cli", *args], capture_output=True, text=True, **kwargs
     )
@@ -99,6 +101,7 @@ def _start(workdir: pathlib.Path, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=_xla_cache.env(),
     )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
