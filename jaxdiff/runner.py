@@ -431,7 +431,9 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     window_start, window_images = time.perf_counter(), 0
                 if step % run.sample_every == 0:
                     write_samples(step)
-                signum = stop.requested()
+                # across processes agreeing on a stop is a collective: only at logged steps
+                agree = jax.process_count() == 1 or step % run.log_every == 0
+                signum = stop.requested() if agree else None
                 if signum is not None:
                     guard.flush()
                     guard.save(state, force=True)
