@@ -3,6 +3,8 @@
     jaxdiff train [--preset digits] [--workdir runs/digits] [--steps N] [--FIELD VALUE ...]
     jaxdiff sample --workdir runs/digits [--sampler ddim|ddpm] [--steps 50] [--eta 0] [--num 64]
     jaxdiff bpd --workdir runs/digits [--split test] [--at-init]
+    jaxdiff eval --workdir runs/digits [--num 1000] [--sampler ddim] [--steps 50] [--metric auto]
+    jaxdiff eval --real FOLDER_OR_NPZ [FOLDER_OR_NPZ] [--save-stats FILE] --inception-weights FILE
     jaxdiff convert --config CONFIG --in model.pt --out params.msgpack [--which ema|model]
     jaxdiff convert --config CONFIG --in params.msgpack --out model.pt --to-torch
 
@@ -172,11 +174,11 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from jaxdiff import runner
+    from jaxdiff import evaluation
 
     out = args.out or Path(args.workdir) / "samples" / f"{args.sampler}{args.steps}_seed{args.seed}"
     try:
-        runner.sample_images(
+        evaluation.sample_images(
             args.workdir,
             out,
             num=args.num,
@@ -194,10 +196,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _bpd(args: argparse.Namespace) -> int:
-    from jaxdiff import runner
+    from jaxdiff import evaluation
 
     try:
-        result = runner.evaluate_bpd(
+        result = evaluation.evaluate_bpd(
             args.workdir,
             split=args.split,
             batch_size=args.batch_size,
@@ -209,6 +211,68 @@ def _bpd(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail("bpd", error)
     print(json.dumps(result))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxdiff import evaluation, features
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        if args.workdir is None:
+            return _eval_real(args, evaluation, features)
+        if args.real and len(args.real) > 1:
+            raise ValueError("with --workdir, --real takes one folder or statistics file")
+        result = evaluation.evaluate(
+            args.workdir,
+            num=args.num,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            step=args.step,
+            metric=args.metric,
+            inception_weights=args.inception_weights,
+            real=args.real[0] if args.real else None,
+            at_init=args.at_init,
+            bpd=args.bpd,
+            log=log if not args.quiet else None,
+        )
+    except ValueError as error:
+        return _fail("eval", error)
+    print(evaluation.format_table(result), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
+    """``--real A [B]``: statistics of A (saved with --save-stats), or the metrics of A against
+    B, as pytorch-fid's command does."""
+    if not args.real:
+        raise ValueError("give --workdir W (a trained run) or --real FOLDER [FOLDER]")
+    if len(args.real) > 2:
+        raise ValueError(f"--real takes one or two folders or .npz files, got {len(args.real)}")
+    metric = "fid" if args.metric == "auto" else args.metric
+    if metric not in ("fid", "digits"):
+        raise ValueError(f"--real compares with one metric: 'fid' or 'digits', not {metric!r}")
+    if args.save_stats and args.save_stats.exists() and not args.force:
+        raise ValueError(f"{str(args.save_stats)!r} exists; pass --force to replace it")
+    extractor = (
+        features.inception_extractor(args.inception_weights)
+        if metric == "fid"
+        else features.digits_extractor()
+    )
+    stats = [evaluation.real_statistics(p, extractor, args.batch_size) for p in args.real]
+    if args.save_stats:
+        features.save_statistics(stats[0], args.save_stats)
+        print(f"wrote {args.save_stats} ({stats[0].count} images)", file=sys.stderr)
+    if len(stats) == 2:
+        print(json.dumps({extractor.name: features.quality(stats[0], stats[1])}))
+    elif not args.save_stats:
+        raise ValueError("with one --real, pass --save-stats FILE (or a second --real to compare)")
     return 0
 
 
@@ -236,7 +300,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 kind = (
                     type(default)
                     if default is not None
-                    else (str if "folder" in field.name else float)
+                    else (str if "str" in str(field.type) else float)
                 )
                 group.add_argument(flag, dest=field.name, type=kind, help=f"default {default!r}")
 
@@ -302,6 +366,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder tail probabilities: exact (default) or the references' float32 arithmetic",
     )
     bpd.set_defaults(run=_bpd)
+
+    ev = commands.add_parser(
+        "eval",
+        parents=[compiles],
+        help="sample-quality metrics of a trained workdir (digits metric, FID), or of folders",
+        description="Sample N images from a workdir's EMA weights and measure them: the digits "
+        "metric on digits (Fréchet distance of the shipped classifier's features, its "
+        "classifier score, precision/recall; no download), FID when Inception weights are "
+        "given. Prints a table and JSON; results go to <workdir>/eval/results.json. With --real "
+        "and no workdir: the statistics of a folder (--save-stats) or the FID of two folders.",
+    )
+    ev.add_argument("--workdir", type=Path)
+    ev.add_argument("--num", type=int, default=1000, help="samples to draw (default 1000)")
+    ev.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM uses all T)")
+    ev.add_argument("--eta", type=float, default=0.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=250)
+    ev.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    ev.add_argument(
+        "--metric",
+        choices=("auto", "digits", "fid", "all"),
+        default="auto",
+        help="auto: the digits metric on digits (and FID when weights are given), FID elsewhere",
+    )
+    ev.add_argument(
+        "--inception-weights",
+        metavar="FILE",
+        help="FID's Inception weights (.pth or .npz; default $JAXDIFF_INCEPTION_WEIGHTS)",
+    )
+    ev.add_argument(
+        "--real",
+        nargs="+",
+        metavar="PATH",
+        help="image folder or statistics .npz: the reference of a workdir's samples, or (without "
+        "--workdir) the sets to compare",
+    )
+    ev.add_argument("--save-stats", type=Path, metavar="FILE", help="write --real's statistics")
+    ev.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
+    ev.add_argument("--bpd", action="store_true", help="also the test bits/dim (slow)")
+    ev.add_argument("--quiet", action="store_true", help="no progress lines")
+    ev.add_argument("--force", action="store_true", help="replace an existing --save-stats file")
+    ev.set_defaults(run=_eval)
     convert = commands.add_parser(
         "convert",
         help="PyTorch Unet weights <-> Flax params (msgpack)",

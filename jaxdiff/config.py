@@ -73,6 +73,11 @@ class RunConfig:
     num_samples: int = 64
     sample_steps: int = 50
     max_nonfinite_steps: int = 20
+    # quality during training: every eval_every steps (0: never), eval_num DDIM samples (of
+    # sample_steps steps) scored with the digits metric, or FID with inception_weights
+    eval_every: int = 500
+    eval_num: int = 500
+    inception_weights: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,9 @@ class Config:
             "num_samples",
             "sample_steps",
             "max_nonfinite_steps",
+            "eval_every",
+            "eval_num",
+            "inception_weights",
         ):
             d["run"].pop(name)
         # remat recomputes the same values; float32, the default dtype, is left out so that

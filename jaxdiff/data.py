@@ -56,16 +56,24 @@ class Dataset(Protocol):
 
 
 class ArrayDataset:
-    """Images held in memory as uint8 [N, H, W, C]."""
+    """Images held in memory as uint8 [N, H, W, C], with optional integer class labels [N]."""
 
-    def __init__(self, images: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(
                 f"images must be a non-empty uint8 array [N, H, W, C], got {images.dtype}"
                 f"{list(images.shape)}"
             )
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(
+                    f"labels must be integers of shape [{images.shape[0]}], got {labels.dtype}"
+                    f"{list(labels.shape)}"
+                )
         self.images = images
+        self.labels = labels
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -164,7 +172,8 @@ def load_digits(
     resize: str = "bilinear",
     test_fraction: float = 0.1,
 ) -> ArrayDataset:
-    """scikit-learn's handwritten digits (1797 images, 8x8, shipped inside scikit-learn).
+    """scikit-learn's handwritten digits (1797 images, 8x8, shipped inside scikit-learn), with
+    their class labels 0..9 (``.labels``).
 
     Pixel values 0..16 become ``v * 255 / 16``, the image is upscaled to ``image_size`` (8 keeps
     it as it is) by :func:`resize_images` and rounded to uint8, one channel: [N, S, S, 1].
@@ -185,12 +194,15 @@ def load_digits(
         raise ImportError(
             "the embedded digits dataset needs scikit-learn: pip install scikit-learn"
         ) from err
-    raw = sklearn_digits().images  # float64 [1797, 8, 8], integer values 0..16
+    digits = sklearn_digits()
+    raw = digits.images  # float64 [1797, 8, 8], integer values 0..16
+    labels = np.asarray(digits.target, np.int32)
     test = digits_split(raw, test_fraction)
     if split != "all":
-        raw = raw[test] if split == "test" else raw[~test]
+        keep = test if split == "test" else ~test
+        raw, labels = raw[keep], labels[keep]
     images = resize_images(raw[..., None] * (255.0 / 16.0), image_size, resize)
-    return ArrayDataset(np.clip(np.rint(images), 0, 255).astype(np.uint8))
+    return ArrayDataset(np.clip(np.rint(images), 0, 255).astype(np.uint8), labels)
 
 
 # --------------------------------------------------------------------------------------------

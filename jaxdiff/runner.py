@@ -17,7 +17,6 @@ curve into a workdir, and prints progress. Everything it computes comes from the
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -30,11 +29,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checkpoint, data, gaussian, likelihood, samplers, schedules, train
-from jaxdiff.compilation import compiler_options
+from jaxdiff import checkpoint, data, evaluation, features, train
+from jaxdiff import workdir as wd
 from jaxdiff.config import (
     PRESETS,
     Config,
@@ -44,7 +42,7 @@ from jaxdiff.config import (
     RunConfig,
     load_config,
 )
-from jaxdiff.models import Unet
+from jaxdiff.evaluation import evaluate_bpd, sample_images
 
 __all__ = [
     "Config",
@@ -62,122 +60,120 @@ __all__ = [
 ]
 
 
-def _dataset(cfg: DataConfig, split: str):
-    if cfg.dataset == "digits":
-        return data.load_digits(cfg.image_size, split=split)
-    if cfg.dataset == "folder":
-        if not cfg.folder:
-            raise ValueError("dataset 'folder' needs a folder (--data-dir)")
-        return data.ImageFolder(cfg.folder, cfg.image_size, channels=cfg.channels).load()
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
+_EVAL_KEYS = (
+    ("digits_fd", "digits Frechet distance of samples during training"),
+    ("fid", "FID of samples during training"),
+)
 
 
-def _channels(cfg: DataConfig) -> int:
-    return 1 if cfg.dataset == "digits" else cfg.channels
+class _TrainingEval:
+    """Sample quality every ``run.eval_every`` steps: ``run.eval_num`` DDIM samples of the EMA
+    weights from the same noise each time, scored with the digits metric (digits) or FID (with
+    Inception weights), against the training data's statistics (cached in ``<workdir>/eval``)."""
+
+    def __init__(self, config: Config, model, workdir: pathlib.Path, main: bool, log):
+        run = config.run
+        self.every, self.num, self.seed = run.eval_every, run.eval_num, run.seed + 2
+        self.extractors, self.refs = [], None
+        if not self.every:
+            return
+        weights = run.inception_weights or os.environ.get(features.INCEPTION_ENV)
+        if config.data.dataset == "digits":
+            metric = "digits"
+        elif weights:
+            metric = "fid"
+        else:
+            log(
+                "no evaluation during training: FID needs the Inception weights "
+                f"(--inception-weights FILE or ${features.INCEPTION_ENV})"
+            )
+            self.every = 0
+            return
+        self.extractors = evaluation.extractors_for(config, metric, weights)
+        for e in self.extractors:
+            if self.num <= e.dim:
+                raise ValueError(
+                    f"eval_num = {self.num} is too few for the {e.name} metric's {e.dim}-d "
+                    f"features: pass --eval-num {e.dim + 1} or more, or --eval-every 0"
+                )
+        self.config, self.log = config, log
+        self.cache = workdir / "eval" if main else None
+        self.sample = wd.sample_fn(config, model, min(250, self.num), run.sample_steps, 0.0, "ddim")
+
+    def due(self, step: int, last: bool) -> bool:
+        """At every multiple of ``every``, and at the run's last step when it is past one."""
+        return bool(self.every) and (step % self.every == 0 or (last and step > self.every))
+
+    def __call__(self, step: int, params) -> dict:
+        start = time.perf_counter()
+        if self.refs is None:
+            if self.cache is not None:
+                self.cache.mkdir(exist_ok=True)
+            self.refs = [
+                evaluation.reference_statistics(self.config, e, self.cache) for e in self.extractors
+            ]
+        stats, _, mean_pixel = evaluation.sample_statistics(
+            self.sample, params, self.extractors, num=self.num, seed=self.seed, source="samples"
+        )
+        values = {}
+        for e, s, ref in zip(self.extractors, stats, self.refs, strict=True):
+            q = features.quality(s, ref)
+            prefix = "digits_" if e.name == "digits" else "fid_"
+            values["digits_fd" if e.name == "digits" else "fid"] = q["fd"]
+            for k in ("is", "precision", "recall"):
+                if k in q:
+                    values[prefix + k] = q[k]
+        values["eval_mean_pixel"] = mean_pixel
+        head = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        self.log(
+            f"eval at step {step} ({self.num} samples, {time.perf_counter() - start:.0f} s): {head}"
+        )
+        return values
 
 
-def _model(config: Config) -> Unet:
-    m = config.model
-    return Unet(
-        dim=m.dim,
-        dim_mults=tuple(m.dim_mults),
-        channels=_channels(config.data),
-        dropout=m.dropout,
-        attn_heads=m.attn_heads,
-        attn_dim_head=m.attn_dim_head,
-        dtype=None if m.dtype == "float32" else m.dtype,
-        remat=m.remat,
-    )
+def _panel(draw, box, points, title: str, log_scale: bool) -> None:
+    """A line plot of ``points`` (step, value) inside ``box`` = (left, top, right, bottom)."""
+    left, top, right, bottom = box
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, top - 20), title, fill="black")
+    points = [(x, math.log10(max(y, 1e-12)) if log_scale else y) for x, y in points]
+    if len(points) < 2:
+        return
+    xs, ys = zip(*points, strict=True)
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    y1 = y1 if y1 > y0 else y0 + 1
 
+    def to_px(x, y):
+        px = left + (x - x0) / max(x1 - x0, 1) * (right - left)
+        return px, bottom - (y - y0) / (y1 - y0) * (bottom - top)
 
-def _coeffs(cfg: DiffusionConfig, convention: str = "lucidrains") -> gaussian.DiffusionCoeffs:
-    betas = schedules.get_named_beta_schedule(cfg.schedule, cfg.timesteps)
-    return gaussian.make_coeffs(betas, convention=convention)
-
-
-def _initial_state(config: Config, model: Unet, optimizer, mesh):
-    key = jax.random.PRNGKey(config.run.seed)
-    size = config.data.image_size
-    x = jnp.zeros((1, size, size, _channels(config.data)))
-    params = model.init(jax.random.fold_in(key, 1), x, jnp.zeros((1,)))
-    return train.create_train_state(params, optimizer, jax.random.fold_in(key, 2), mesh=mesh)
-
-
-def _grid_png(images: np.ndarray, path: pathlib.Path) -> None:
-    """Save uint8 [N, H, W, C] as one square-ish grid PNG with 2-pixel gaps."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
-    scale = max(1, 512 // grid.shape[0])
-    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    big = pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    big.save(path, format="PNG")
+    draw.line([to_px(x, y) for x, y in points], fill=(31, 119, 180), width=2)
+    for x, y in points if len(points) <= 20 else ():
+        px, py = to_px(x, y)
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
+    label = (lambda v: f"{10**v:.3g}") if log_scale else (lambda v: f"{v:.3g}")
+    draw.text((left, bottom + 8), f"step {x0}", fill="black")
+    draw.text((right - 70, bottom + 8), f"step {x1}", fill="black")
+    draw.text((left - 46, top), label(y1), fill="black")
+    draw.text((left - 46, bottom - 10), label(y0), fill="black")
 
 
 def _loss_png(metrics_path: pathlib.Path, path: pathlib.Path) -> None:
-    """Plot log10(loss) against the step from metrics.jsonl, with Pillow."""
+    """Plot the training loss (log scale) against the step from metrics.jsonl and, beside it,
+    the Fréchet distance of the evaluations during training (when there are any)."""
     from PIL import Image, ImageDraw
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    points = [
-        (r["step"], math.log10(max(r["loss"], 1e-12))) for r in rows if r.get("loss") is not None
-    ]
-    width, height, pad = 640, 400, 50
+    loss = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    quality = [(k, n) for k, n in _EVAL_KEYS if any(r.get(k) is not None for r in rows)]
+    width, height = (1200 if quality else 640), 400
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline="black")
-    if len(points) >= 2:
-        xs, ys = zip(*points, strict=True)
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-        y1 = y1 if y1 > y0 else y0 + 1
-
-        def to_px(x, y):
-            px = pad + (x - x0) / max(x1 - x0, 1) * (width - 1.5 * pad)
-            py = height - pad - (y - y0) / (y1 - y0) * (height - 1.5 * pad)
-            return px, py
-
-        draw.line([to_px(x, y) for x, y in points], fill=(31, 119, 180), width=2)
-        draw.text((pad, height - pad + 8), f"step {x0}", fill="black")
-        draw.text((width - pad * 2, height - pad + 8), f"step {x1}", fill="black")
-        draw.text((4, pad // 2), f"{10**y1:.3g}", fill="black")
-        draw.text((4, height - pad - 10), f"{10**y0:.3g}", fill="black")
-    draw.text((pad, 4), "training loss (log scale)", fill="black")
+    _panel(draw, (60, 30, 620, height - 40), loss, "training loss (log scale)", True)
+    for key, name in quality[:1]:
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        _panel(draw, (680, 30, width - 20, height - 40), points, name, False)
     img.save(path, format="PNG")
-
-
-def _sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sampler: str):
-    c = _coeffs(config.diffusion)
-    size, channels = config.data.image_size, _channels(config.data)
-    objective = config.diffusion.objective
-
-    @functools.partial(jax.jit, compiler_options=compiler_options())
-    def run(params, key):
-        x_T = jax.random.normal(jax.random.fold_in(key, 0), (num, size, size, channels))
-
-        def model_fn(x, t):
-            return model.apply(params, x, t)
-
-        noise_key = jax.random.fold_in(key, 1)
-        if sampler == "ddpm":
-            out = samplers.ddpm_sample(model_fn, c, x_T, key=noise_key, mean_type=objective)
-        else:
-            grid = samplers.ddim_grid(c.num_timesteps, steps)
-            out = samplers.ddim_sample(
-                model_fn, c, x_T, grid=grid, eta=eta, key=noise_key, mean_type=objective
-            )
-        return out.sample
-
-    return run
-
-
-def _to_uint8(x) -> np.ndarray:
-    return data.to_uint8(np.asarray(x))
 
 
 class Diverged(ValueError):
@@ -204,17 +200,6 @@ class Interrupted(Exception):  # noqa: N818 (a stop request, not an error)
         self.signum, self.step, self.saved, self.latest = signum, step, saved, latest
 
 
-def _write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a full disk or a kill never leaves a truncated
-    file where a good one was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
     """Keep only the lines up to the restored step: the steps a killed run logged after its
     last checkpoint are run, and logged, again (and a line torn by the kill is dropped)."""
@@ -226,7 +211,7 @@ def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    _write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    wd.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def _json_line(values: dict) -> str:
@@ -346,7 +331,7 @@ def _workdir_lock(workdir: pathlib.Path, main: bool):
 
 def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) -> train.TrainState:
     run = config.run
-    dataset = _dataset(config.data, "train" if config.data.dataset == "digits" else "all")
+    dataset = wd.load_dataset(config.data, "train" if config.data.dataset == "digits" else "all")
     if len(dataset) < run.batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than batch_size={run.batch_size}"
@@ -357,17 +342,17 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
             f"batch_size {run.batch_size} is not divisible by the device count {mesh.size}; "
             f"use a multiple of {mesh.size}"
         )
-    model = _model(config)
+    model = wd.build_model(config)
     optimizer = train.default_optimizer(run.lr)
     loss_fn = train.diffusion_loss_fn(
         model.apply,
-        _coeffs(config.diffusion),
+        wd.build_coeffs(config.diffusion),
         loss="simple",
         objective=config.diffusion.objective,
         min_snr_gamma=config.diffusion.min_snr_gamma,
     )
     train_step = train.make_train_step(loss_fn, optimizer, mesh=mesh)
-    state = _initial_state(config, model, optimizer, mesh)
+    state = wd.initial_state(config, model, optimizer, mesh)
 
     with checkpoint.Checkpoints(
         workdir, config=config.identity(), save_every=run.save_every, keep=run.keep
@@ -379,20 +364,21 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         metrics_path = workdir / "metrics.jsonl"
         if main:
             text = json.dumps(config.to_dict(), indent=2) + "\n"
-            _write_atomic(workdir / "config.json", lambda tmp: tmp.write_text(text))
+            wd.write_atomic(workdir / "config.json", lambda tmp: tmp.write_text(text))
             _truncate_metrics(metrics_path, start)
             (workdir / "samples").mkdir(exist_ok=True)
-        sample = _sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
+        sample = wd.sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
         sample_key = jax.random.PRNGKey(run.seed + 1)
 
         def write_samples(step: int) -> None:
-            images = _to_uint8(sample(state.ema_params, sample_key))
+            images = wd.to_uint8(sample(state.ema_params, sample_key))
             if not main:
                 return
             for name in (f"step_{step}.png", "latest.png"):
-                _write_atomic(workdir / "samples" / name, lambda tmp: _grid_png(images, tmp))
+                wd.write_atomic(workdir / "samples" / name, lambda tmp: wd.grid_png(images, tmp))
 
         step = int(state.step)
+        quality = _TrainingEval(config, model, workdir, main, log)
         guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)
         window_start, window_images = time.perf_counter(), 0
         with open(metrics_path if main else os.devnull, "a") as metrics_file:
@@ -429,8 +415,14 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                         f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s"
                     )
                     window_start, window_images = time.perf_counter(), 0
+                paused = time.perf_counter()
                 if step % run.sample_every == 0:
                     write_samples(step)
+                if quality.due(step, last=step == run.steps):
+                    values = quality(step, state.ema_params)
+                    metrics_file.write(_json_line({"step": step, **values}) + "\n")
+                    metrics_file.flush()
+                window_start += time.perf_counter() - paused  # throughput counts training only
                 # across processes agreeing on a stop is a collective: only at logged steps
                 agree = jax.process_count() == 1 or step % run.log_every == 0
                 signum = stop.requested() if agree else None
@@ -444,7 +436,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
             guard.save(state, force=True)
         write_samples(step)
         if main:
-            _write_atomic(workdir / "loss.png", lambda tmp: _loss_png(metrics_path, tmp))
+            wd.write_atomic(workdir / "loss.png", lambda tmp: _loss_png(metrics_path, tmp))
     log(f"done: {workdir} (samples/latest.png, loss.png, metrics.jsonl, checkpoints/)")
     return state
 
@@ -505,128 +497,3 @@ class _NonFiniteGuard:
             return False
         force, self.save_pending = force or self.save_pending, False
         return self.ckpt.save(state, force=force)
-
-
-def _restored(workdir: str | os.PathLike, step: int | None, *, finite: bool = True):
-    config = load_config(workdir)
-    model = _model(config)
-    optimizer = train.default_optimizer(config.run.lr)
-    like = jax.eval_shape(lambda: _initial_state(config, model, optimizer, None))
-    state = checkpoint.restore(workdir, like, step=step, config=config.identity())
-    bad = train.nonfinite_leaves(state.ema_params) if finite else []
-    if bad:
-        raise ValueError(
-            f"the checkpoint of step {int(state.step)} in {str(workdir)!r} holds NaN or "
-            f"infinite EMA parameters ({len(bad)} arrays, e.g. {bad[0]}): the run diverged "
-            f"before it was saved. Use an earlier step (--step N){_other_steps(workdir, state)}."
-        )
-    return config, model, state
-
-
-def _other_steps(workdir, state) -> str:
-    others = [s for s in checkpoint.all_steps(workdir) if s != int(state.step)]
-    return f"; the workdir has steps {others}" if others else ""
-
-
-def _refuse_nonfinite(values, what: str, step: int) -> None:
-    if not np.isfinite(np.asarray(values)).all():
-        raise ValueError(
-            f"{what} of the checkpoint of step {step} are NaN or infinite, so nothing was "
-            "written; the model is broken at that step: try an earlier one (--step N)"
-        )
-
-
-def sample_images(
-    workdir: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    num: int = 64,
-    sampler: str = "ddim",
-    steps: int = 50,
-    eta: float = 0.0,
-    seed: int = 0,
-    step: int | None = None,
-    overwrite: bool = False,
-) -> np.ndarray:
-    """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid) and the
-    uint8 array next to it (.npz). Returns the images."""
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'")
-    if num < 1:
-        raise ValueError(f"num must be >= 1, got {num}")
-    out = pathlib.Path(out)
-    targets = [out.with_suffix(".png"), out.with_suffix(".npz")]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise ValueError(f"{existing} exist; pass --force to replace them")
-    config, model, state = _restored(workdir, step)
-    if not 1 <= steps <= config.diffusion.timesteps:
-        raise ValueError(f"steps must be in [1, {config.diffusion.timesteps}], got {steps}")
-    run = _sample_fn(config, model, num, steps, eta, sampler)
-    raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed)))
-    _refuse_nonfinite(raw, "the samples", int(state.step))
-    images = _to_uint8(raw)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _grid_png(images, targets[0])
-    np.savez_compressed(targets[1], images=images)
-    return images
-
-
-def evaluate_bpd(
-    workdir: str | os.PathLike,
-    *,
-    split: str = "test",
-    batch_size: int = 256,
-    seed: int = 0,
-    step: int | None = None,
-    at_init: bool = False,
-    tails: str = "exact",
-) -> dict[str, Any]:
-    """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
-    per batch, fixed-small variance). ``at_init`` evaluates the untrained network instead;
-    ``tails="reference"`` computes the decoder term with the references' float32 arithmetic
-    (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`)."""
-    likelihood.check_tails(tails)
-    config, model, state = _restored(workdir, step, finite=not at_init)
-    if at_init:
-        optimizer = train.default_optimizer(config.run.lr)
-        state = _initial_state(config, model, optimizer, None)
-    dataset = _dataset(config.data, split)
-    images = data.to_unit_range(dataset.get(np.arange(len(dataset))))
-    # The decoder term needs a finite variance at t = 0: improved-diffusion's beta-tilde_1, not
-    # denoising-diffusion-pytorch's floor of 1e-20 (which only sampling, where t = 0 adds no
-    # noise, can afford).
-    c = _coeffs(config.diffusion, convention="openai")
-
-    @functools.partial(jax.jit, compiler_options=compiler_options())
-    def bpd(params, x, key):
-        return likelihood.calc_bpd_loop(
-            lambda x_t, t: model.apply(params, x_t, t),
-            c,
-            x,
-            key=key,
-            mean_type=config.diffusion.objective,
-            var_type="fixed_small",
-            tails=tails,
-        )
-
-    totals, priors, decoders = [], [], []
-    for i in range(0, len(images), batch_size):
-        res = bpd(
-            state.ema_params, jnp.asarray(images[i : i + batch_size]), jax.random.PRNGKey(seed + i)
-        )
-        totals.append(np.asarray(res.total_bpd))
-        priors.append(np.asarray(res.prior_bpd))
-        decoders.append(np.asarray(res.vb[:, 0]))
-    total = np.concatenate(totals)
-    _refuse_nonfinite(total, "the bits/dim", 0 if at_init else int(state.step))
-    return {
-        "bits_per_dim": float(np.mean(total)),
-        "prior_bpd": float(np.mean(np.concatenate(priors))),
-        "decoder_bpd": float(np.mean(np.concatenate(decoders))),
-        "split": split,
-        "images": int(len(images)),
-        "step": 0 if at_init else int(state.step),
-        "timesteps": config.diffusion.timesteps,
-        "tails": tails,
-    }

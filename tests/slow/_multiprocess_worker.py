@@ -37,6 +37,7 @@ def config(steps: int) -> runner.Config:
             sample_every=1000,
             num_samples=4,
             sample_steps=2,
+            eval_every=0,
         ),
     )
 

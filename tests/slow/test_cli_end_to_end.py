@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import checkpoint, cli, runner
+from jaxdiff import workdir as wd
 from tests.slow import _xla_cache
 
 pytestmark = pytest.mark.slow
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.slow
 TINY = [
     "--dim", "8", "--dim-mults", "1,2", "--image-size", "8", "--timesteps", "20",
     "--batch-size", "8", "--num-samples", "4", "--sample-steps", "3", "--log-every", "2",
+    "--eval-every", "0",
 ]  # fmt: skip
 
 
@@ -96,8 +98,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
     config = runner.load_config(straight)
-    a = runner._restored(straight, None)[2]
-    b = runner._restored(killed, None)[2]
+    a = wd.restored(straight, None)[2]
+    b = wd.restored(killed, None)[2]
     assert int(a.step) == int(b.step) == 120
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -137,7 +139,7 @@ def test_bad_input_is_reported_and_never_touches_a_good_checkpoint(tmp_path):
 
 
 def _params(workdir):
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(runner._restored(workdir, None)[2])]
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(wd.restored(workdir, None)[2])]
 
 
 def test_compilation_cache_is_reused_and_changes_no_result(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, cli, runner, train
+from jaxdiff import checkpoint, cli, train
+from jaxdiff import workdir as wd
 from tests.slow import _xla_cache
 
 pytestmark = pytest.mark.slow
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 TINY = [
     "--dim", "8", "--dim-mults", "1,2", "--image-size", "8", "--timesteps", "20",
     "--batch-size", "8", "--num-samples", "4", "--sample-steps", "3", "--log-every", "2",
+    "--eval-every", "0",
     "--sample-every", "1000",
 ]  # fmt: skip
 # A message, not a traceback: a few lines (jax may add a warning line or two of its own).
@@ -72,7 +74,7 @@ def test_a_diverging_run_stops_and_keeps_its_finite_checkpoints(tmp_path, monkey
     steps = checkpoint.Checkpoints(workdir).all_steps()
     assert steps and max(steps) < 10, steps
     for step in steps:
-        assert not train.nonfinite_leaves(runner._restored(workdir, step)[2]), step
+        assert not train.nonfinite_leaves(wd.restored(workdir, step)[2]), step
     rows = _strict_json_lines(workdir / "metrics.jsonl")
     assert rows and sum(r["skipped_steps"] for r in rows) >= 1
     assert any(r["loss"] is None for r in rows)
@@ -150,7 +152,7 @@ def test_sigint_saves_the_current_step_and_resumes_to_identical_parameters(tmp_p
     assert checkpoint.Checkpoints(stopped).all_steps() == [saved]
     resumed = _jaxdiff("train", "--workdir", str(stopped), *steps)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = runner._restored(straight, None)[2], runner._restored(stopped, None)[2]
+    a, b = wd.restored(straight, None)[2], wd.restored(stopped, None)[2]
     assert int(a.step) == int(b.step) == 80
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -224,4 +226,4 @@ def test_a_corrupt_newest_checkpoint_names_the_step_and_the_flag_to_use(tmp_path
     assert cli.main([*base, "--restore-step", "2"]) == 0
     assert checkpoint.all_steps(workdir) == [2, 4]
     assert (workdir / checkpoint.SET_ASIDE / "4" / "state").is_dir()  # kept, not deleted
-    assert not train.nonfinite_leaves(runner._restored(workdir, 4)[2])
+    assert not train.nonfinite_leaves(wd.restored(workdir, 4)[2])

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, runner, train
+from jaxdiff import checkpoint, train
+from jaxdiff import workdir as wd
 from tests.slow._multiprocess_worker import config
 
 pytestmark = pytest.mark.slow
@@ -89,8 +90,8 @@ def _run(workdir, steps, cache, num_processes: int) -> None:
 def _final(workdir: pathlib.Path):
     cfg = config(6)
     like = jax.eval_shape(
-        lambda: runner._initial_state(
-            cfg, runner._model(cfg), train.default_optimizer(cfg.run.lr), None
+        lambda: wd.initial_state(
+            cfg, wd.build_model(cfg), train.default_optimizer(cfg.run.lr), None
         )
     )
     return checkpoint.restore(workdir, like, config=cfg.identity())

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from jaxdiff import checkpoint, data, gaussian, schedules, train
+from jaxdiff import workdir as wd
 
 # Means over a batch and the gradient all-reduce sum in another order on 8 devices than on one:
 # float32 round-off of sums of ~1e3 terms of size ~1.
@@ -251,16 +252,16 @@ def test_bf16_compute_keeps_float32_state_and_self_conditioning_runs(digits):
 
 
 def test_cli_model_dtype_and_remat_reach_the_unet():
-    from jaxdiff import cli, runner
+    from jaxdiff import cli
 
     parser = cli.build_parser()
-    default = runner._model(cli._train_config(parser.parse_args(["train"])))
+    default = wd.build_model(cli._train_config(parser.parse_args(["train"])))
     assert default.dtype is None and default.remat is False
     args = parser.parse_args(["train", "--dtype", "bfloat16", "--remat"])
-    unet = runner._model(cli._train_config(args))
+    unet = wd.build_model(cli._train_config(args))
     assert unet.compute_dtype == jnp.bfloat16 and unet.remat is True
     with pytest.raises(ValueError, match="floating dtype"):
-        runner._model(cli._train_config(parser.parse_args(["train", "--dtype", "int8"])))
+        wd.build_model(cli._train_config(parser.parse_args(["train", "--dtype", "int8"])))
     # remat and the default dtype do not change a run's identity; bfloat16 does
     identity = cli._train_config(parser.parse_args(["train"])).identity()
     assert cli._train_config(parser.parse_args(["train", "--remat"])).identity() == identity

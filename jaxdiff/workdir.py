@@ -1,0 +1,161 @@
+"""What a workdir's configuration builds, shared by training and evaluation: the dataset, the
+network, the process's coefficients, the initial state, the sampler; restoring a checkpoint;
+writing files atomically; sample grids."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pathlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import checkpoint, data, gaussian, samplers, schedules, train
+from jaxdiff.compilation import compiler_options
+from jaxdiff.config import Config, DataConfig, DiffusionConfig, load_config
+from jaxdiff.models import Unet
+
+__all__ = [
+    "build_coeffs",
+    "build_model",
+    "grid_png",
+    "initial_state",
+    "load_dataset",
+    "num_channels",
+    "refuse_nonfinite",
+    "restored",
+    "sample_fn",
+    "to_uint8",
+    "write_atomic",
+]
+
+
+def load_dataset(cfg: DataConfig, split: str):
+    if cfg.dataset == "digits":
+        return data.load_digits(cfg.image_size, split=split)
+    if cfg.dataset == "folder":
+        if not cfg.folder:
+            raise ValueError("dataset 'folder' needs a folder (--data-dir)")
+        return data.ImageFolder(cfg.folder, cfg.image_size, channels=cfg.channels).load()
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
+
+
+def num_channels(cfg: DataConfig) -> int:
+    return 1 if cfg.dataset == "digits" else cfg.channels
+
+
+def build_model(config: Config) -> Unet:
+    m = config.model
+    return Unet(
+        dim=m.dim,
+        dim_mults=tuple(m.dim_mults),
+        channels=num_channels(config.data),
+        dropout=m.dropout,
+        attn_heads=m.attn_heads,
+        attn_dim_head=m.attn_dim_head,
+        dtype=None if m.dtype == "float32" else m.dtype,
+        remat=m.remat,
+    )
+
+
+def build_coeffs(cfg: DiffusionConfig, convention: str = "lucidrains") -> gaussian.DiffusionCoeffs:
+    betas = schedules.get_named_beta_schedule(cfg.schedule, cfg.timesteps)
+    return gaussian.make_coeffs(betas, convention=convention)
+
+
+def initial_state(config: Config, model: Unet, optimizer, mesh):
+    key = jax.random.PRNGKey(config.run.seed)
+    size = config.data.image_size
+    x = jnp.zeros((1, size, size, num_channels(config.data)))
+    params = model.init(jax.random.fold_in(key, 1), x, jnp.zeros((1,)))
+    return train.create_train_state(params, optimizer, jax.random.fold_in(key, 2), mesh=mesh)
+
+
+def grid_png(images: np.ndarray, path: pathlib.Path) -> None:
+    """Save uint8 [N, H, W, C] as one square-ish grid PNG with 2-pixel gaps."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
+    scale = max(1, 512 // grid.shape[0])
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    big = pil.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    big.save(path, format="PNG")
+
+
+def sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sampler: str):
+    c = build_coeffs(config.diffusion)
+    size, channels = config.data.image_size, num_channels(config.data)
+    objective = config.diffusion.objective
+
+    @functools.partial(jax.jit, compiler_options=compiler_options())
+    def run(params, key):
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), (num, size, size, channels))
+
+        def model_fn(x, t):
+            return model.apply(params, x, t)
+
+        noise_key = jax.random.fold_in(key, 1)
+        if sampler == "ddpm":
+            out = samplers.ddpm_sample(model_fn, c, x_T, key=noise_key, mean_type=objective)
+        else:
+            grid = samplers.ddim_grid(c.num_timesteps, steps)
+            out = samplers.ddim_sample(
+                model_fn, c, x_T, grid=grid, eta=eta, key=noise_key, mean_type=objective
+            )
+        return out.sample
+
+    return run
+
+
+def to_uint8(x) -> np.ndarray:
+    return data.to_uint8(np.asarray(x))
+
+
+def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: a full disk or a kill never leaves a truncated
+    file where a good one was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def restored(workdir: str | os.PathLike, step: int | None, *, finite: bool = True):
+    config = load_config(workdir)
+    model = build_model(config)
+    optimizer = train.default_optimizer(config.run.lr)
+    like = jax.eval_shape(lambda: initial_state(config, model, optimizer, None))
+    state = checkpoint.restore(workdir, like, step=step, config=config.identity())
+    bad = train.nonfinite_leaves(state.ema_params) if finite else []
+    if bad:
+        raise ValueError(
+            f"the checkpoint of step {int(state.step)} in {str(workdir)!r} holds NaN or "
+            f"infinite EMA parameters ({len(bad)} arrays, e.g. {bad[0]}): the run diverged "
+            f"before it was saved. Use an earlier step (--step N){other_steps(workdir, state)}."
+        )
+    return config, model, state
+
+
+def other_steps(workdir, state) -> str:
+    others = [s for s in checkpoint.all_steps(workdir) if s != int(state.step)]
+    return f"; the workdir has steps {others}" if others else ""
+
+
+def refuse_nonfinite(values, what: str, step: int) -> None:
+    if not np.isfinite(np.asarray(values)).all():
+        raise ValueError(
+            f"{what} of the checkpoint of step {step} are NaN or infinite, so nothing was "
+            "written; the model is broken at that step: try an earlier one (--step N)"
+        )
