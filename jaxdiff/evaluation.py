@@ -233,8 +233,9 @@ def sample_statistics(
     source: str,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[features.Statistics], np.ndarray, float]:
-    """Draw ``num`` images with ``sample(params, key)`` (one compiled batch; batch i uses
-    ``fold_in(PRNGKey(seed), i)``) and stream them through every extractor.
+    """Draw ``num`` images with ``sample(params, key, first)`` (one compiled batch, called with
+    ``key = PRNGKey(seed)`` and the index of its first image) and stream them through every
+    extractor.
 
     Returns the statistics (one per extractor), the first 64 images (uint8) and the mean pixel
     value of all of them in [0, 1]."""
@@ -243,16 +244,14 @@ def sample_statistics(
 
     def images() -> Iterator[np.ndarray]:
         nonlocal pixel_sum, done
-        i = 0
         while done < num:
-            raw = np.asarray(sample(params, jax.random.fold_in(key, i)))
+            raw = np.asarray(sample(params, key, done))
             if not np.isfinite(raw).all():
                 raise ValueError(
                     "the samples are NaN or infinite, so nothing was measured; the model is "
                     "broken at this step: try an earlier one (--step N)"
                 )
             batch = wd.to_uint8(raw)[: num - done]
-            i += 1
             done += len(batch)
             pixel_sum += float(batch.astype(np.float64).sum()) / 255.0 / batch[0].size
             if sum(len(g) for g in grid) < 64:

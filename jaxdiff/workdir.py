@@ -93,18 +93,28 @@ def grid_png(images: np.ndarray, path: pathlib.Path) -> None:
 
 
 def sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sampler: str):
+    """A jitted ``run(params, key, first=0) -> [num, H, W, C]`` sampler of the run's process.
+
+    Sample j of the whole set (``first`` is the index of this batch's first sample) starts from
+    the noise ``normal(fold_in(key, j))``, so a deterministic sampler (DDIM with eta 0) gives
+    each sample the same value in any batch size; the noise added along the way (DDPM, eta > 0)
+    is drawn per batch from ``fold_in(key, -1 - first)``."""
     c = build_coeffs(config.diffusion)
     size, channels = config.data.image_size, num_channels(config.data)
     objective = config.diffusion.objective
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
-    def run(params, key):
-        x_T = jax.random.normal(jax.random.fold_in(key, 0), (num, size, size, channels))
+    def run(params, key, first=0):
+        rows = jnp.asarray(first, jnp.int32) + jnp.arange(num, dtype=jnp.int32)
+        x_T = jax.vmap(
+            lambda j: jax.random.normal(jax.random.fold_in(key, j), (size, size, channels))
+        )(rows)
 
         def model_fn(x, t):
             return model.apply(params, x, t)
 
-        noise_key = jax.random.fold_in(key, 1)
+        # uint32 data: -1 - first wraps to 2**32 - 1 - first, apart from every row index j
+        noise_key = jax.random.fold_in(key, jnp.uint32(2**32 - 1) - jnp.uint32(first))
         if sampler == "ddpm":
             out = samplers.ddpm_sample(model_fn, c, x_T, key=noise_key, mean_type=objective)
         else:
