@@ -110,3 +110,38 @@ def test_eval_of_two_folders_and_saved_statistics(tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bad / "y.png")
     assert cli.main([*both, str(bad)]) == 1
     assert "mixes image sizes or channels" in capsys.readouterr().err
+
+
+def _random_inception_npz(path):
+    """FID's Inception with random weights of a sane scale (so features stay finite)."""
+    from jaxdiff.models import inception
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for k, e in inception.inception_key_map().items():
+        shape = e.torch_shape
+        if k.endswith("running_var"):
+            arrays[k] = (1.0 + rng.random(shape)).astype(np.float32)
+        elif k.endswith("running_mean") or k.endswith("bias"):
+            arrays[k] = np.zeros(shape, np.float32)
+        elif len(shape) == 1:  # batch-norm scales
+            arrays[k] = np.ones(shape, np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            arrays[k] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_fid_extractor_from_the_environment(tmp_path, monkeypatch):
+    weights = _random_inception_npz(tmp_path / "inception.npz")
+    monkeypatch.setenv(features.INCEPTION_ENV, str(weights))
+    fid = features.inception_extractor()
+    assert (fid.name, fid.dim, fid.channels) == ("inception", 2048, 3)
+    gray = data.load_digits(16, split="test").images[:4]
+    s = features.image_statistics(fid, [gray], source="gray", batch_size=4)
+    rgb = features.image_statistics(fid, [np.repeat(gray, 3, -1)], source="rgb", batch_size=4)
+    assert s.sample.shape == (4, 2048) and np.isfinite(s.sample).all()
+    np.testing.assert_array_equal(s.sample, rgb.sample)  # grayscale is repeated to RGB
+    with pytest.raises(ValueError, match=r"2048-d features needs .* at least N = 2049"):
+        features.quality(s, rgb)
