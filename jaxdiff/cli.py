@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         choices=("auto", "digits", "fid", "all"),
         default="auto",
-        help="auto: the digits metric on digits (and FID when weights are given), FID elsewhere",
+        help="auto: the digits metric on digits, FID elsewhere; all: both",
     )
     ev.add_argument(
         "--inception-weights",

@@ -150,13 +150,12 @@ def extractors_for(
     config: Config, metric: str, inception_weights: str | os.PathLike | None = None
 ) -> list[features.FeatureExtractor]:
     """The extractors ``metric`` asks for on this run's data: ``auto`` is the digits metric on
-    digits (and FID too when Inception weights are given), FID elsewhere."""
+    digits and FID elsewhere; ``all`` is both (digits runs only)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     digits = config.data.dataset == "digits"
-    have_inception = bool(inception_weights or os.environ.get(features.INCEPTION_ENV))
     wanted = {
-        "auto": (["digits"] if digits else []) + (["fid"] if have_inception or not digits else []),
+        "auto": ["digits"] if digits else ["fid"],
         "digits": ["digits"],
         "fid": ["fid"],
         "all": ["digits", "fid"],
