@@ -176,7 +176,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def _sample(args: argparse.Namespace) -> int:
     from jaxdiff import evaluation
 
-    out = args.out or Path(args.workdir) / "samples" / f"{args.sampler}{args.steps}_seed{args.seed}"
+    name = f"{args.sampler}{args.steps}" if args.sampler == "ddim" else "ddpm"
+    out = args.out or Path(args.workdir) / "samples" / f"{name}_seed{args.seed}"
     try:
         evaluation.sample_images(
             args.workdir,
@@ -276,10 +277,22 @@ def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
     return 0
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    from jaxdiff import schedules
+
+    return {
+        "schedule": tuple(schedules.BETA_SCHEDULES),
+        "objective": ("eps", "x0", "v"),
+        "dtype": ("float32", "bfloat16", "float16"),
+        "dataset": ("digits", "folder"),
+    }
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of the run's typed configuration (``--steps``, ``--dim-mults``...)."""
     from jaxdiff import runner
 
+    _CHOICES = _choices()  # noqa: N806
     for section in dataclasses.fields(runner.Config):
         group = parser.add_argument_group(f"{section.name} (overrides the preset)")
         for field in dataclasses.fields(section.default):
@@ -302,7 +315,15 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                     if default is not None
                     else (str if "str" in str(field.type) else float)
                 )
-                group.add_argument(flag, dest=field.name, type=kind, help=f"default {default!r}")
+                choices = _CHOICES.get(field.name)
+                group.add_argument(
+                    flag,
+                    dest=field.name,
+                    type=kind,
+                    choices=choices,
+                    help=f"default {default!r}"
+                    + (f"; one of {', '.join(choices)}" if choices else ""),
+                )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,6 +301,12 @@ def train_and_evaluate(
             moved = checkpoint.set_aside(workdir, after=restore_step)
             if moved:
                 log(f"set aside {[p.name for p in moved]} in {moved[0].parent}")
+        d = config.data
+        log(
+            f"training {workdir}: {run.steps} steps of {run.batch_size} images "
+            f"({d.dataset} {d.image_size}x{d.image_size}) on {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s)"
+        )
         return _train_locked(config, workdir, log, main, stop)
 
 
@@ -377,7 +383,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
             for name in (f"step_{step}.png", "latest.png"):
                 wd.write_atomic(workdir / "samples" / name, lambda tmp: wd.grid_png(images, tmp))
 
-        step = int(state.step)
+        step = start_step = int(state.step)
         quality = _TrainingEval(config, model, workdir, main, log)
         guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)
         window_start, window_images = time.perf_counter(), 0
@@ -392,7 +398,18 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     process_index=jax.process_index(),
                     process_count=jax.process_count(),
                 )
+                first = window_images == 0 and step == start_step
+                if first:
+                    log(
+                        "compiling the train step (the first call; a later run of the same "
+                        "configuration loads it from the compilation cache)"
+                    )
+                    compile_start = time.perf_counter()
                 state, metrics = train_step(state, train.shard_batch(batch, mesh))
+                if first:  # the one host sync outside logging: keeps compilation out of img/s
+                    jax.block_until_ready(metrics["loss"])
+                    log(f"first step done in {time.perf_counter() - compile_start:.1f} s")
+                    window_start, window_images = time.perf_counter(), -run.batch_size
                 step += 1
                 window_images += run.batch_size
                 # reads the previous step's flag, which is ready by now: no stall per step
