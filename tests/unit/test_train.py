@@ -433,3 +433,15 @@ def test_eight_devices_match_one_device_and_checkpoints_move_between_them(tmp_pa
     for a, b in zip(jax.tree.leaves(restored), eight["leaves"], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b, dtype=np.asarray(a).dtype))
         assert a.sharding.device_set == {jax.devices()[0]}
+
+
+def test_quality_during_training_is_due_at_multiples_and_at_a_late_last_step():
+    from jaxdiff import runner
+
+    q = object.__new__(runner._TrainingEval)
+    q.every = 500
+    assert [s for s in range(1, 1501) if q.due(s, last=s == 1500)] == [500, 1000, 1500]
+    assert [s for s in range(1, 1201) if q.due(s, last=s == 1200)] == [500, 1000, 1200]
+    assert [s for s in range(1, 301) if q.due(s, last=s == 300)] == []  # shorter than every
+    q.every = 0
+    assert not any(q.due(s, last=s == 10) for s in range(1, 11))
