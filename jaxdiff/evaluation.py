@@ -11,6 +11,7 @@ change.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -178,9 +179,18 @@ def _reference_source(config: Config) -> tuple[str, str]:
     d = config.data
     if d.dataset == "digits":
         return "train", f"digits train split, {d.image_size}x{d.image_size}"
+    # the files' names, sizes and times: a changed folder is a new reference
+    files = sorted(
+        p for p in pathlib.Path(d.folder).rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS
+    )
+    listing = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        listing.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return (
         "all",
-        f"folder {d.folder} at {d.image_size}x{d.image_size}, {wd.num_channels(d)} channels",
+        f"folder {d.folder} at {d.image_size}x{d.image_size}, {wd.num_channels(d)} channels, "
+        f"{len(files)} files (listing {listing.hexdigest()[:12]})",
     )
 
 

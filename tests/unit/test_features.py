@@ -168,3 +168,18 @@ def test_fid_without_weights_names_the_file_and_where_it_is(monkeypatch):
     monkeypatch.setenv(features.INCEPTION_ENV, "/nonexistent/inception.npz")
     with pytest.raises(ValueError, match="not found at /nonexistent/inception.npz"):
         features.inception_extractor()
+
+
+def test_a_folder_runs_reference_is_recomputed_when_the_folder_changes(
+    digits, train_images, tmp_path
+):
+    from jaxdiff.config import Config, DataConfig
+
+    _write_folder(tmp_path / "imgs", train_images[:70])
+    config = Config(data=DataConfig(dataset="folder", folder=str(tmp_path / "imgs"), channels=1))
+    first = evaluation.reference_statistics(config, digits, tmp_path / "eval")
+    cached = evaluation.reference_statistics(config, digits, tmp_path / "eval")
+    assert first.count == cached.count == 70 and first.source == cached.source
+    Image.fromarray(train_images[70, ..., 0]).save(tmp_path / "imgs" / "new.png")
+    again = evaluation.reference_statistics(config, digits, tmp_path / "eval")
+    assert again.count == 71 and again.source != first.source
