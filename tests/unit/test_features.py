@@ -183,3 +183,13 @@ def test_a_folder_runs_reference_is_recomputed_when_the_folder_changes(
     Image.fromarray(train_images[70, ..., 0]).save(tmp_path / "imgs" / "new.png")
     again = evaluation.reference_statistics(config, digits, tmp_path / "eval")
     assert again.count == 71 and again.source != first.source
+
+
+def test_a_folder_has_no_held_out_split_to_pretend(tmp_path):
+    from jaxdiff import workdir
+    from jaxdiff.config import DataConfig
+
+    cfg = DataConfig(dataset="folder", folder=str(tmp_path), channels=1)
+    for split in ("test", "train"):
+        with pytest.raises(ValueError, match=f"no held-out '{split}' split: pass --split all"):
+            workdir.load_dataset(cfg, split)
