@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import data, features, likelihood, train
+from jaxdiff import data, features, likelihood
 from jaxdiff import workdir as wd
 from jaxdiff.compilation import compiler_options
 from jaxdiff.config import Config
@@ -57,8 +57,8 @@ def sample_images(
 ) -> np.ndarray:
     """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid) and the
     uint8 array next to it (.npz). Returns the images."""
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'ddpm'")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     out = pathlib.Path(out)
@@ -94,10 +94,7 @@ def evaluate_bpd(
     ``tails="reference"`` computes the decoder term with the references' float32 arithmetic
     (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`)."""
     likelihood.check_tails(tails)
-    config, model, state = wd.restored(workdir, step, finite=not at_init)
-    if at_init:
-        optimizer = train.default_optimizer(config.run.lr)
-        state = wd.initial_state(config, model, optimizer, None)
+    config, model, state = wd.restored(workdir, step, at_init=at_init)
     dataset = wd.load_dataset(config.data, split)
     images = data.to_unit_range(dataset.get(np.arange(len(dataset))))
     # The decoder term needs a finite variance at t = 0: improved-diffusion's beta-tilde_1, not
@@ -126,14 +123,14 @@ def evaluate_bpd(
         priors.append(np.asarray(res.prior_bpd))
         decoders.append(np.asarray(res.vb[:, 0]))
     total = np.concatenate(totals)
-    wd.refuse_nonfinite(total, "the bits/dim", 0 if at_init else int(state.step))
+    wd.refuse_nonfinite(total, "the bits/dim", int(state.step))
     return {
         "bits_per_dim": float(np.mean(total)),
         "prior_bpd": float(np.mean(np.concatenate(priors))),
         "decoder_bpd": float(np.mean(np.concatenate(decoders))),
         "split": split,
         "images": int(len(images)),
-        "step": 0 if at_init else int(state.step),
+        "step": int(state.step),
         "timesteps": config.diffusion.timesteps,
         "tails": tails,
     }
@@ -330,10 +327,7 @@ def evaluate(
     for name, value, low in (("num", num, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    config, model, state = wd.restored(workdir, step, finite=not at_init)
-    if at_init:
-        optimizer = train.default_optimizer(config.run.lr)
-        state = wd.initial_state(config, model, optimizer, None)
+    config, model, state = wd.restored(workdir, step, at_init=at_init)
     if not 1 <= steps <= config.diffusion.timesteps:
         raise ValueError(f"steps must be in [1, {config.diffusion.timesteps}], got {steps}")
     extractors = extractors_for(config, metric, inception_weights)
@@ -354,7 +348,7 @@ def evaluate(
     ]
     batch = min(batch_size, num)
     sample = wd.sample_fn(config, model, batch, steps, eta, sampler)
-    at = 0 if at_init else int(state.step)
+    at = int(state.step)
     stats, grid, mean_pixel = sample_statistics(
         sample,
         state.ema_params,

@@ -147,10 +147,17 @@ def write_atomic(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> N
         tmp.unlink(missing_ok=True)
 
 
-def restored(workdir: str | os.PathLike, step: int | None, *, finite: bool = True):
+def restored(
+    workdir: str | os.PathLike, step: int | None, *, finite: bool = True, at_init: bool = False
+):
+    """``(config, model, state)`` of a workdir's checkpoint (``step``, default the newest),
+    refusing non-finite EMA parameters when ``finite``; with ``at_init``, the untrained state
+    of the same configuration instead (step 0)."""
     config = load_config(workdir)
     model = build_model(config)
     optimizer = train.default_optimizer(config.run.lr)
+    if at_init:
+        return config, model, initial_state(config, model, optimizer, None)
     like = jax.eval_shape(lambda: initial_state(config, model, optimizer, None))
     state = checkpoint.restore(workdir, like, step=step, config=config.identity())
     bad = train.nonfinite_leaves(state.ema_params) if finite else []
