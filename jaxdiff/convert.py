@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from jaxdiff._numpy import to_numpy as _to_numpy
 from jaxdiff.models.unet import Unet, unet_from_config
 
 __all__ = [
@@ -248,16 +249,6 @@ def _check_shapes(pairs, what: str) -> None:
             + ". "
             + _LIKELY_CAUSE
         )
-
-
-def _to_numpy(value) -> np.ndarray:
-    """A numpy array from a numpy / JAX array or a torch tensor (without importing torch)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
 
 
 def _unwrap_params(variables: Mapping) -> Mapping:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxdiff.convert import _to_numpy
+from jaxdiff._numpy import to_numpy as _to_numpy
 
 __all__ = [
     "INCEPTION_INPUT_SIZE",

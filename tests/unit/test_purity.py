@@ -51,3 +51,51 @@ def test_importing_the_core_loads_no_shell_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"core import pulled in: {out.stdout.strip()}"
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: pathlib.Path) -> set[str]:
+    """The jaxdiff modules a module imports when it is imported (not inside functions), with
+    the packages whose ``__init__`` each import runs."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {n for n in found if n.startswith("jaxdiff")}
+
+
+def test_no_module_imports_itself_through_a_cycle():
+    """A cycle of module-level imports breaks ``import jaxdiff.X`` when X is imported first
+    (``import jaxdiff.convert`` once failed: convert -> models -> inception -> convert)."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    # a module's own packages are initialised before it, so importing them closes no cycle
+    graph = {
+        m: {n for n in _top_level_imports(p) if n in modules and not f"{m}.".startswith(f"{n}.")}
+        for m, p in modules.items()
+    }
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return path + [start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m))]
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
