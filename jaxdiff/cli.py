@@ -1,6 +1,7 @@
 """The ``jaxdiff`` command line. Parses flags and calls the library; no logic of its own.
 
-    jaxdiff train [--preset digits] [--workdir runs/digits] [--steps N] [--FIELD VALUE ...]
+    jaxdiff train [--preset digits | --config FILE] [--workdir runs/digits] [--FIELD VALUE ...]
+    jaxdiff train --workdir W [--steps N]    # continue W with W/config.json
     jaxdiff sample --workdir runs/digits [--sampler ddim|ddpm] [--steps 50] [--eta 0] [--num 64]
     jaxdiff bpd --workdir runs/digits [--split test] [--at-init]
     jaxdiff eval --workdir runs/digits [--num 1000] [--sampler ddim] [--steps 50] [--metric auto]
@@ -120,10 +121,21 @@ def _fail(command: str, error: Exception) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    """The preset named by ``--preset`` with every given flag applied."""
-    from jaxdiff import runner
+    """The run's configuration and where it came from: ``--config FILE`` over the preset, else
+    the workdir's own ``config.json`` when it has one and no ``--preset`` is given (resuming
+    needs no flags), else the preset (``digits``); then every given flag on top."""
+    from jaxdiff import config as cfg
 
-    config = runner.PRESETS[args.preset]
+    preset = args.preset or "digits"
+    config = cfg.PRESETS[preset]
+    source = f"preset {preset!r}"
+    saved = _workdir(args) / "config.json"
+    if args.config is not None:
+        config = cfg.load_config_file(args.config, base=config)
+        source = f"{args.config} over the {source}"
+    elif args.preset is None and saved.is_file():
+        config = cfg.load_config(saved.parent)
+        source = str(saved)
     sections = {}
     for section in dataclasses.fields(config):
         current = getattr(config, section.name)
@@ -133,19 +145,32 @@ def _train_config(args: argparse.Namespace):
             if getattr(args, f.name, None) is not None
         }
         sections[section.name] = dataclasses.replace(current, **changes)
-    config = runner.Config(**sections)
+    config = cfg.Config(**sections)
     if args.folder is not None and args.dataset is None:
         config = dataclasses.replace(
             config, data=dataclasses.replace(config.data, dataset="folder")
         )
-    return config
+    return config, source
+
+
+def _workdir(args: argparse.Namespace) -> Path:
+    return args.workdir or Path("runs") / (args.preset or "digits")
 
 
 def _train(args: argparse.Namespace) -> int:
     from jaxdiff import runner
 
-    config = _train_config(args)
-    workdir = args.workdir or Path("runs") / args.preset
+    try:
+        config, source = _train_config(args)
+    except ValueError as error:
+        return _fail("train", error)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        print(f"(from {source}, with the flags given)", file=sys.stderr)
+        return 0
+    workdir = _workdir(args)
+    if source.endswith("config.json"):
+        print(f"jaxdiff train: continuing {workdir} with its config.json", file=sys.stderr)
     try:
         runner.train_and_evaluate(config, workdir, restore_step=args.restore_step)
     except runner.Interrupted as stop:
@@ -169,7 +194,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
             continue
         argv.append(a)
     if args.workdir is None:
-        argv += ["--workdir", str(Path("runs") / args.preset)]
+        argv += ["--workdir", str(_workdir(args))]
     return argv
 
 
@@ -277,24 +302,13 @@ def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
     return 0
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
-    from jaxdiff import schedules
-
-    return {
-        "schedule": tuple(schedules.BETA_SCHEDULES),
-        "objective": ("eps", "x0", "v"),
-        "dtype": ("float32", "bfloat16", "float16"),
-        "dataset": ("digits", "folder"),
-    }
-
-
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of the run's typed configuration (``--steps``, ``--dim-mults``...)."""
-    from jaxdiff import runner
+    from jaxdiff import config as cfg
 
-    _CHOICES = _choices()  # noqa: N806
-    for section in dataclasses.fields(runner.Config):
-        group = parser.add_argument_group(f"{section.name} (overrides the preset)")
+    _CHOICES = cfg.choices()  # noqa: N806
+    for section in dataclasses.fields(cfg.Config):
+        group = parser.add_argument_group(f"{section.name} (overrides the preset or config)")
         for field in dataclasses.fields(section.default):
             if field.name == "folder":  # --data-dir
                 continue
@@ -344,7 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, or resume, a diffusion model. With no arguments: the digits preset "
         "(scikit-learn's handwritten digits, 16x16) into runs/digits.",
     )
-    train.add_argument("--preset", default="digits", choices=sorted(_presets()))
+    train.add_argument(
+        "--preset",
+        choices=sorted(_presets()),
+        help="start from this preset (default: the workdir's config.json when it has one, "
+        "else digits)",
+    )
+    train.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="start from this .json or .toml file (sections model, diffusion, data, run; keys "
+        "it leaves out keep the preset's values)",
+    )
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration and exit"
+    )
     train.add_argument("--workdir", type=Path, help="default: runs/<preset>")
     train.add_argument("--data-dir", dest="folder", help="train on this image folder instead")
     train.add_argument(

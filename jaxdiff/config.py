@@ -11,6 +11,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import tomllib
+import types
+import typing
 
 __all__ = [
     "Config",
@@ -19,7 +22,9 @@ __all__ = [
     "ModelConfig",
     "PRESETS",
     "RunConfig",
+    "config_from_dict",
     "load_config",
+    "load_config_file",
 ]
 
 
@@ -127,19 +132,109 @@ PRESETS: dict[str, Config] = {
 }
 
 
-def _from_dict(cls, values: dict):
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the string fields that take one of a few names (by field name)."""
+    from jaxdiff import schedules
+
+    return {
+        "schedule": tuple(schedules.BETA_SCHEDULES),
+        "objective": ("eps", "x0", "v"),
+        "dtype": ("float32", "bfloat16", "float16"),
+        "dataset": ("digits", "folder"),
+    }
+
+
+def _checked(where: str, value, hint):
+    """``value`` as the field type ``hint`` wants it (lists become tuples, ints floats), or a
+    ValueError naming the field, the value and the type."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    ok = False
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is tuple:
+        item = args[0]
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        )
+        value = tuple(value) if ok else value
+    if not ok:
+        want = getattr(hint, "__name__", str(hint))
+        raise ValueError(f"{where} must be {want}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _from_dict(cls, values, base=None, where: str = ""):
+    """``cls`` from a (possibly partial) mapping: the given keys replace those of ``base``
+    (default ``cls()``); unknown keys and wrongly typed values raise a ValueError naming them."""
+    base = cls() if base is None else base
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; allowed: {sorted(fields)}")
+        section = f"{where} " if where else ""
+        raise ValueError(
+            f"unknown {section}key(s) {unknown} ({cls.__name__}); allowed: {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
     out = {}
     for name, value in values.items():
-        if dataclasses.is_dataclass(fields[name].default):
-            value = _from_dict(type(fields[name].default), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        out[name] = value
-    return cls(**out)
+        key = f"{where}.{name}" if where else name
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current):
+            out[name] = _from_dict(type(current), value, current, key)
+        else:
+            out[name] = _checked(key, value, hints[name])
+            allowed = choices().get(name)
+            if allowed and out[name] not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
+    return dataclasses.replace(base, **out)
+
+
+def config_from_dict(values: dict, base: Config | None = None) -> Config:
+    """A :class:`Config` from a nested mapping such as ``config.json``'s; missing keys keep
+    ``base``'s values (default ``Config()``), so a file may give only what differs.
+
+    Raises:
+      ValueError: naming an unknown key (and the allowed ones) or a value of the wrong type.
+    """
+    return _from_dict(Config, values, base)
+
+
+def load_config_file(path: str | os.PathLike, base: Config | None = None) -> Config:
+    """A :class:`Config` from a ``.json`` or ``.toml`` file, over ``base`` (see
+    :func:`config_from_dict`): sections ``model``, ``diffusion``, ``data``, ``run``.
+
+    Raises:
+      ValueError: a missing or unparsable file, an unknown key, a value of the wrong type.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} not found")
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        else:
+            values = json.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ValueError(f"{str(path)!r} is not valid {kind}: {err}") from None
+    try:
+        return config_from_dict(values, base)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {err}") from None
 
 
 def load_config(workdir: str | os.PathLike) -> Config:
@@ -151,6 +246,6 @@ def load_config(workdir: str | os.PathLike) -> Config:
             "(run `jaxdiff train --workdir ...` first)"
         )
     try:
-        return _from_dict(Config, json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as err:
-        raise ValueError(f"{str(path)!r} is not a valid jaxdiff config: {err}") from err
+        return config_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not a valid jaxdiff config: {err}") from None

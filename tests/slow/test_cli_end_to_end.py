@@ -94,8 +94,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 8 <= checkpoint.latest_step(killed) < 120
-    resumed = _jaxdiff("train", "--workdir", str(killed), *steps)
+    resumed = _jaxdiff("train", "--workdir", str(killed))  # the workdir is the run: no flags
     assert resumed.returncode == 0, resumed.stderr
+    assert f"continuing {killed} with its config.json" in resumed.stderr
 
     config = runner.load_config(straight)
     a = wd.restored(straight, None)[2]

@@ -256,21 +256,28 @@ def test_cli_model_dtype_and_remat_reach_the_unet():
     from jaxdiff import cli
 
     parser = cli.build_parser()
-    default = wd.build_model(cli._train_config(parser.parse_args(["train"])))
+    default = wd.build_model(
+        cli._train_config(parser.parse_args(["train", "--preset", "digits"]))[0]
+    )
     assert default.dtype is None and default.remat is False
-    args = parser.parse_args(["train", "--dtype", "bfloat16", "--remat"])
-    unet = wd.build_model(cli._train_config(args))
+    args = parser.parse_args(["train", "--preset", "digits", "--dtype", "bfloat16", "--remat"])
+    unet = wd.build_model(cli._train_config(args)[0])
     assert unet.compute_dtype == jnp.bfloat16 and unet.remat is True
     with pytest.raises(SystemExit):  # argparse names the allowed values
-        parser.parse_args(["train", "--dtype", "int8"])
+        parser.parse_args(["train", "--preset", "digits", "--dtype", "int8"])
     with pytest.raises(ValueError, match="floating dtype"):  # the library checks it too
-        cfg = cli._train_config(parser.parse_args(["train"]))
+        cfg = cli._train_config(parser.parse_args(["train", "--preset", "digits"]))[0]
         wd.build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="int8")))
     # remat and the default dtype do not change a run's identity; bfloat16 does
-    identity = cli._train_config(parser.parse_args(["train"])).identity()
-    assert cli._train_config(parser.parse_args(["train", "--remat"])).identity() == identity
+    identity = cli._train_config(parser.parse_args(["train", "--preset", "digits"]))[0].identity()
+    assert (
+        cli._train_config(parser.parse_args(["train", "--preset", "digits", "--remat"]))[
+            0
+        ].identity()
+        == identity
+    )
     assert "dtype" not in identity["model"] and "remat" not in identity["model"]
-    assert cli._train_config(args).identity()["model"]["dtype"] == "bfloat16"
+    assert cli._train_config(args)[0].identity()["model"]["dtype"] == "bfloat16"
 
 
 def test_bad_static_configuration():
