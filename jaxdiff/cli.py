@@ -6,11 +6,13 @@
     jaxdiff bpd --workdir runs/digits [--split test] [--at-init]
     jaxdiff eval --workdir runs/digits [--num 1000] [--sampler ddim] [--steps 50] [--metric auto]
     jaxdiff eval --real FOLDER_OR_NPZ [FOLDER_OR_NPZ] [--save-stats FILE] --inception-weights FILE
+    jaxdiff export --workdir runs/digits --out model.pt [--step N] [--which ema|model]
     jaxdiff convert --config CONFIG --in model.pt --out params.msgpack [--which ema|model]
     jaxdiff convert --config CONFIG --in params.msgpack --out model.pt --to-torch
 
-``CONFIG`` is a preset name (``jaxdiff.models.PRESETS``), a JSON object of the reference
-``Unet``'s constructor arguments, or the path of a file holding one. A ``.npz`` state_dict works
+``CONFIG`` is a workdir (the network of its ``config.json``), a train preset (``digits``), a
+Unet preset (``jaxdiff.models.PRESETS``), a JSON object of the reference ``Unet``'s constructor
+arguments, or the path of a file holding one. A ``.npz`` state_dict works
 in both directions without torch. An existing output file is never replaced without ``--force``.
 
 ``train``, ``sample`` and ``bpd`` keep XLA's compiled programs on disk (JAX's persistent
@@ -64,10 +66,64 @@ def _compilation_cache(value: str | None) -> None:
 
 
 def _config(value: str):
+    """``convert --config``: a workdir (its config.json's network), a train preset, a Unet
+    preset, a JSON object or a .json file of the reference Unet's arguments."""
+    from jaxdiff import config as cfg
+    from jaxdiff import workdir as wd
+
     path = Path(value)
+    if path.is_dir():
+        return wd.build_model(cfg.load_config(path))
+    if value in cfg.PRESETS:
+        return wd.build_model(cfg.PRESETS[value])
     if path.suffix == ".json" and path.is_file():
         return json.loads(path.read_text())
     return value
+
+
+EXPORT_FORMATS = {
+    ".pt": "a torch state_dict",
+    ".npz": "the same state_dict as .npz",
+    ".msgpack": "Flax params",
+}
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jaxdiff import convert
+    from jaxdiff import workdir as wd
+
+    out = args.out
+    if out.suffix not in EXPORT_FORMATS:
+        formats = ", ".join(f"{k} ({v})" for k, v in EXPORT_FORMATS.items())
+        print(f"jaxdiff export: {out} has no known suffix; use one of {formats}", file=sys.stderr)
+        return 1
+    if out.exists() and not args.force:
+        print(f"jaxdiff export: {out} exists; pass --force to replace it", file=sys.stderr)
+        return 1
+    try:
+        _, model, state = wd.restored(args.workdir, args.step, finite=args.which == "ema")
+        variables = state.ema_params if args.which == "ema" else state.params
+        if out.suffix == ".msgpack":
+            convert.save_flax_params(variables, out, overwrite=args.force)
+        else:
+            save = (
+                convert.save_torch_checkpoint
+                if out.suffix == ".pt"
+                else convert.save_state_dict_npz
+            )
+            save(variables, out, model, overwrite=args.force)
+    except (ValueError, FileExistsError) as error:
+        return _fail("export", error)
+    # the reference Unet's arguments that differ from its defaults (dim is required)
+    defaults = type(model)(dim=model.dim).config()
+    kwargs = json.dumps({k: v for k, v in model.config().items() if k == "dim" or v != defaults[k]})
+    print(
+        f"wrote {out}: the {args.which} weights of step {int(state.step)}; "
+        f"denoising-diffusion-pytorch's Unet(**{kwargs}) loads it"
+        if out.suffix != ".msgpack"
+        else f"wrote {out}: the {args.which} weights of step {int(state.step)} (Flax params)"
+    )
+    return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -459,6 +515,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress lines")
     ev.add_argument("--force", action="store_true", help="replace an existing --save-stats file")
     ev.set_defaults(run=_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="write a trained workdir's weights as .pt, .npz or .msgpack",
+        description="Write a workdir's EMA (or online) weights: a .pt state_dict that "
+        "denoising-diffusion-pytorch's Unet loads (needs torch), the same state_dict as .npz "
+        "(no torch), or Flax params as .msgpack.",
+    )
+    export.add_argument("--workdir", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True, help="FILE.pt, FILE.npz or FILE.msgpack")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    export.add_argument("--which", choices=("ema", "model"), default="ema")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.set_defaults(run=_export)
+
     convert = commands.add_parser(
         "convert",
         help="PyTorch Unet weights <-> Flax params (msgpack)",
@@ -466,7 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(msgpack) or back (--to-torch).",
     )
     convert.add_argument(
-        "--config", required=True, help="preset name, JSON object or .json file of Unet options"
+        "--config",
+        required=True,
+        help="a workdir, a train preset, a Unet preset, a JSON object or .json file of Unet "
+        "options",
     )
     convert.add_argument(
         "--in",
@@ -507,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if args.command != "convert":
+    if args.command not in ("convert", "export"):
         try:
             _compilation_cache(args.compilation_cache)
         except ValueError as error:

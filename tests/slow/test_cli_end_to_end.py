@@ -69,6 +69,89 @@ def test_train_sample_bpd(tmp_path):
     assert report["step"] == 6 and report["split"] == "test" and report["images"] > 100
     assert 0 < report["bits_per_dim"] < 20
 
+    _check_export(workdir, tmp_path)
+
+
+# Loads an exported state_dict into the reference Unet (strict keys) and runs it on a probe.
+_REFERENCE_LOAD = """
+import importlib.util, json, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("gf", sys.argv[1])
+gf = importlib.util.module_from_spec(spec); spec.loader.exec_module(gf); gf.install_stand_ins()
+import torch
+from denoising_diffusion_pytorch.denoising_diffusion_pytorch import Unet
+net = Unet(**json.loads(sys.argv[3])).eval()
+if sys.argv[2].endswith(".pt"):
+    state = torch.load(sys.argv[2], weights_only=True)
+else:
+    state = {k: torch.from_numpy(v) for k, v in np.load(sys.argv[2]).items()}
+net.load_state_dict(state, strict=True)
+probe = np.load(sys.argv[4])
+with torch.no_grad():
+    out = net(torch.from_numpy(probe["x"]), torch.from_numpy(probe["t"]))
+np.save(sys.argv[5], out.numpy())
+"""
+
+
+def _check_export(workdir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """``jaxdiff export``: .npz and .msgpack read back to the checkpoint's weights exactly; the
+    reference Unet loads the export (.pt where torch is installed) with equal outputs."""
+    from jaxdiff import convert
+    from tests.parity._fixtures import UNET, assert_close, nchw
+    from tests.parity.test_unet_parity import HERE, PYTHON, _reference_available
+
+    _, model, state = wd.restored(workdir, None)
+    npz, msgpack = tmp_path / "ema.npz", tmp_path / "model.msgpack"
+    result = _jaxdiff("export", "--workdir", str(workdir), "--out", str(npz))
+    assert result.returncode == 0, result.stderr
+    # it says how to build the reference network that loads it
+    kwargs = result.stdout.split("Unet(**", 1)[1].rsplit(") loads it", 1)[0]
+    assert json.loads(kwargs) == {"dim": 8, "dim_mults": [1, 2], "channels": 1}
+    assert cli.main(["export", "--workdir", str(workdir), "--out", str(msgpack),
+                     "--which", "model", "--step", "3"]) == 0  # fmt: skip
+    ema = convert.torch_state_dict_to_flax(dict(np.load(npz)), model)
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    step3 = wd.restored(workdir, 3)[2].params
+    back = convert.load_flax_params(msgpack, model)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(step3), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # an existing file is kept, a missing step and an unknown suffix are named
+    before = npz.read_bytes()
+    assert _jaxdiff("export", "--workdir", str(workdir), "--out", str(npz)).returncode == 1
+    assert npz.read_bytes() == before
+    missing = _jaxdiff("export", "--workdir", str(workdir), "--out", str(tmp_path / "a.npz"),
+                       "--step", "5")  # fmt: skip
+    assert missing.returncode == 1 and "no checkpoint of step 5" in missing.stderr
+    assert "[3, 6]" in missing.stderr and "Traceback" not in missing.stderr
+    odd = _jaxdiff("export", "--workdir", str(workdir), "--out", str(tmp_path / "a.bin"))
+    assert odd.returncode == 1 and ".pt" in odd.stderr and not (tmp_path / "a.bin").exists()
+
+    pt = tmp_path / "ema.pt"
+    result = _jaxdiff("export", "--workdir", str(workdir), "--out", str(pt))
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # the message says how to get it, and nothing is written
+        assert result.returncode == 1 and "pip install torch==2.13.0" in result.stderr
+        assert not pt.exists()
+    else:
+        assert result.returncode == 0, result.stderr
+    if not _reference_available():
+        return
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 8, 1)).astype(np.float32)
+    t = np.array([0, 7, 19])
+    np.savez(tmp_path / "probe.npz", x=nchw(x), t=t)
+    want = model.apply(state.ema_params, x, t)
+    for path in [npz] + ([pt] if pt.exists() else []):
+        out = tmp_path / f"out_{path.suffix[1:]}.npy"
+        subprocess.run(
+            [PYTHON, "-c", _REFERENCE_LOAD, str(HERE / "generate_fixtures.py"), str(path), kwargs,
+             str(tmp_path / "probe.npz"), str(out)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        assert_close(np.load(out), nchw(want), UNET, err_msg=f"reference Unet on {path.name}")
+
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     """Acceptance: kill `jaxdiff train` with SIGKILL mid-run, start it again, and the final
