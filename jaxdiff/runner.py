@@ -9,7 +9,7 @@ curve into a workdir, and prints progress. Everything it computes comes from the
 
     config.json           the run's configuration (the CLI reads it back)
     checkpoints/<step>/   Orbax checkpoints (the newest ``keep``)
-    metrics.jsonl         one JSON line per logged step
+    metrics.jsonl         one JSON line per logged step (means over the steps since the last)
     samples/step_<n>.png  sample grids of the EMA model; samples/latest.png
     loss.png              the loss curve
 """
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import checkpoint, data, evaluation, features, train
@@ -214,6 +215,52 @@ def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
     wd.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
+_LAST = ("learning_rate", "skipped")  # logged as the window's last value
+
+
+@jax.jit
+def _window_add(window: dict, metrics: dict) -> dict:
+    """Fold one step's metrics into the logging window, on the device (no host sync): sums of
+    the finite values and their counts, the last learning rate, and the decay of the last EMA
+    update (steps where the EMA is left alone have decay 1 and are not updates)."""
+    out = dict(window)
+    for name, value in metrics.items():
+        value = value.astype(jnp.float32)
+        if name in _LAST:
+            out[name] = value
+        elif name == "ema_decay":
+            out[name] = jnp.where(value < 1, value, window[name])
+        else:
+            finite = jnp.isfinite(value)
+            out[name] = window[name] + jnp.where(finite, value, 0.0)
+            out[f"{name}/count"] = window[f"{name}/count"] + finite.astype(jnp.float32)
+    return out
+
+
+def _window_init(metrics_shape: dict, previous: dict | None = None) -> dict:
+    window = {}
+    for name in metrics_shape:
+        if name in _LAST:
+            window[name] = jnp.zeros((), jnp.float32)
+        elif name == "ema_decay":  # carried over: an EMA may update less often than logging
+            window[name] = jnp.ones((), jnp.float32) if previous is None else previous[name]
+        else:
+            window[name] = window[f"{name}/count"] = jnp.zeros((), jnp.float32)
+    return window
+
+
+def _window_values(window: dict) -> dict[str, float]:
+    """The window's means (NaN when no step of it was finite), last and EMA values."""
+    got = {k: float(v) for k, v in jax.device_get(window).items()}
+    out = {}
+    for name, value in got.items():
+        if name.endswith("/count"):
+            continue
+        count = got.get(f"{name}/count")
+        out[name] = value if count is None else (value / count if count else math.nan)
+    return out
+
+
 def _json_line(values: dict) -> str:
     """One strict-JSON line: a NaN or infinite value is written as null."""
     clean = {
@@ -387,6 +434,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         quality = _TrainingEval(config, model, workdir, main, log)
         guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)
         window_start, window_images = time.perf_counter(), 0
+        window = None
         with open(metrics_path if main else os.devnull, "a") as metrics_file:
             while step < run.steps:
                 batch = data.batch_at(
@@ -406,6 +454,9 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     )
                     compile_start = time.perf_counter()
                 state, metrics = train_step(state, train.shard_batch(batch, mesh))
+                if window is None:
+                    window = _window_init(metrics)
+                window = _window_add(window, metrics)
                 if first:  # the one host sync outside logging: keeps compilation out of img/s
                     jax.block_until_ready(metrics["loss"])
                     log(f"first step done in {time.perf_counter() - compile_start:.1f} s")
@@ -419,7 +470,8 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     guard.save(state)
                 if step % run.log_every == 0 or step == run.steps:
                     guard.flush()
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    values = _window_values(window)  # the means over the window's steps
+                    window = _window_init(metrics, window)
                     elapsed = time.perf_counter() - window_start
                     values["images_per_s"] = window_images / max(elapsed, 1e-9)
                     values.pop("skipped")  # the window's count instead of the last flag
