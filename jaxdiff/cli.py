@@ -358,6 +358,9 @@ def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
     return 0
 
 
+_FLAG_HELP = {"channels": "default: from the images (RGB when any file is in colour)"}
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of the run's typed configuration (``--steps``, ``--dim-mults``...)."""
     from jaxdiff import config as cfg
@@ -380,10 +383,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                     help="comma-separated, e.g. 1,2,2",
                 )
             else:
+                kind = type(default) if default is not None else float
                 kind = (
-                    type(default)
-                    if default is not None
-                    else (str if "str" in str(field.type) else float)
+                    str if "str" in str(field.type) else int if "int" in str(field.type) else kind
                 )
                 choices = _CHOICES.get(field.name)
                 group.add_argument(
@@ -391,7 +393,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                     dest=field.name,
                     type=kind,
                     choices=choices,
-                    help=f"default {default!r}"
+                    help=_FLAG_HELP.get(field.name, f"default {default!r}")
                     + (f"; one of {', '.join(choices)}" if choices else ""),
                 )
 

@@ -59,7 +59,8 @@ class DataConfig:
     dataset: str = "digits"
     image_size: int = 16
     folder: str | None = None
-    channels: int = 1
+    # None: from the images (a folder is RGB when any file is in colour; digits are grayscale)
+    channels: int | None = None
     flip: bool = False
 
 
@@ -115,6 +116,9 @@ class Config:
             d["run"].pop(name)
         # remat recomputes the same values; float32, the default dtype, is left out so that
         # workdirs from before the dtype option keep matching
+        # the digits are grayscale whether or not the count was resolved yet
+        if d["data"]["dataset"] == "digits" and d["data"]["channels"] is None:
+            d["data"]["channels"] = 1
         d["model"].pop("remat")
         if d["model"]["dtype"] == "float32":
             d["model"].pop("dtype")

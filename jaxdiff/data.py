@@ -210,6 +210,14 @@ def load_digits(
 # --------------------------------------------------------------------------------------------
 
 
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def mode_channels(mode: str) -> int:
+    """1 for a grayscale Pillow mode (with or without alpha), else 3 (RGB, RGBA, palette...)."""
+    return 1 if mode in GRAYSCALE_MODES else 3
+
+
 def _open_image(path: pathlib.Path):
     from PIL import Image, UnidentifiedImageError
 
@@ -228,17 +236,19 @@ class ImageFolder:
     """Every .png/.jpg/.jpeg under ``root`` (recursive, sorted by relative path).
 
     Each image is converted to grayscale (``channels=1``, Pillow mode ``L``) or RGB
-    (``channels=3``), its shorter side resized to ``image_size`` (Pillow bilinear, with
-    antialiasing when shrinking) and the centre ``image_size`` square cropped, as
-    denoising-diffusion-pytorch's ``Dataset`` (``Resize`` then ``CenterCrop``). Every file's
+    (``channels=3``; None: ``detected_channels``, RGB when any file is in colour), its shorter
+    side resized to ``image_size`` (Pillow bilinear, with antialiasing when shrinking) and the
+    centre ``image_size`` square cropped, as denoising-diffusion-pytorch's ``Dataset``
+    (``Resize`` then ``CenterCrop``). Every file's
     header is read at construction, so an unreadable file is reported before training; a file
     that fails later to decode raises a ValueError naming it as well.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, *, channels: int = 3):
+    def __init__(self, root: str | os.PathLike, image_size: int, *, channels: int | None = 3):
         from PIL import Image  # noqa: F401 - fail early when Pillow is missing
 
-        _check_choice(channels, (1, 3), "channel count")
+        if channels is not None:
+            _check_choice(channels, (1, 3), "channel count")
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
         self.root = pathlib.Path(root)
@@ -258,18 +268,23 @@ class ImageFolder:
             raise ValueError(
                 f"image folder {str(self.root)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files"
             )
+        self.modes = {}  # Pillow mode -> number of files
         for path in self.files:
-            self._check_header(path)
+            mode = self._check_header(path)
+            self.modes[mode] = self.modes.get(mode, 0) + 1
+        self.detected_channels = max(mode_channels(m) for m in self.modes)
         self.image_size = image_size
-        self.channels = channels
+        self.channels = self.detected_channels if channels is None else channels
 
     @staticmethod
-    def _check_header(path: pathlib.Path) -> None:
+    def _check_header(path: pathlib.Path) -> str:
         from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(path) as image:
+                mode = image.mode
                 image.verify()
+                return mode
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise ValueError(
                 f"cannot read image file {str(path)!r} ({type(err).__name__}: {err}); remove "

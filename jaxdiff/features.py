@@ -338,10 +338,6 @@ def cached_statistics(
 # Image folders as they are (no resizing)
 
 
-def _mode_channels(mode: str) -> int:
-    return 1 if mode in ("L", "1", "I", "I;16", "F") else 3
-
-
 def folder_images(root: str | os.PathLike, batch_size: int = 250) -> tuple[int, Iterator]:
     """``(count, batches)`` of every .png/.jpg/.jpeg under ``root`` (recursive, sorted), as they
     are: grayscale files as 1 channel, every other mode as RGB. Every header is read first; a
@@ -360,7 +356,7 @@ def folder_images(root: str | os.PathLike, batch_size: int = 250) -> tuple[int, 
     for p in files:
         try:
             with Image.open(p) as im:
-                kind = (im.size[1], im.size[0], _mode_channels(im.mode))
+                kind = (im.size[1], im.size[0], data.mode_channels(im.mode))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise ValueError(f"cannot read image file {str(p)!r} ({err}); remove it") from None
         kinds.setdefault(kind, []).append(p)

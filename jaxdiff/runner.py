@@ -340,6 +340,9 @@ def train_and_evaluate(
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got {run.steps}, {run.batch_size}")
     if run.max_nonfinite_steps < 1:
         raise ValueError(f"max_nonfinite_steps must be >= 1, got {run.max_nonfinite_steps}")
+    config, note = wd.resolve_channels(config)  # config.json records the count
+    if note and jax.process_index() == 0:
+        log(note)
     # Every process computes; only the first writes files (Orbax coordinates the checkpoints)
     # and holds the workdir's lock.
     main = jax.process_index() == 0

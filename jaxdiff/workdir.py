@@ -4,6 +4,7 @@ writing files atomically; sample grids."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -26,6 +27,7 @@ __all__ = [
     "initial_state",
     "load_dataset",
     "num_channels",
+    "resolve_channels",
     "refuse_nonfinite",
     "restored",
     "sample_fn",
@@ -45,12 +47,44 @@ def load_dataset(cfg: DataConfig, split: str):
                 f"an image folder has no held-out {split!r} split: pass --split all, which "
                 "measures the training images themselves"
             )
-        return data.ImageFolder(cfg.folder, cfg.image_size, channels=cfg.channels).load()
+        return data.ImageFolder(cfg.folder, cfg.image_size, channels=num_channels(cfg)).load()
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
 
 
 def num_channels(cfg: DataConfig) -> int:
-    return 1 if cfg.dataset == "digits" else cfg.channels
+    """The run's channel count: 1 for digits, else ``cfg.channels`` or, when that is None, the
+    folder's (see :func:`resolve_channels`)."""
+    if cfg.dataset == "digits":
+        return 1
+    if cfg.channels is None:
+        return data.ImageFolder(cfg.folder, cfg.image_size, channels=None).channels
+    return cfg.channels
+
+
+def resolve_channels(config: Config) -> tuple[Config, str | None]:
+    """``config`` with ``data.channels`` filled in (1 for digits; a folder's from its images),
+    and a warning when an explicit count converts the images (RGB files read as grayscale, or
+    grayscale ones repeated into 3 channels), else None."""
+    cfg = config.data
+    if cfg.dataset == "digits":
+        if cfg.channels not in (None, 1):
+            raise ValueError(f"the digits are grayscale: channels must be 1, got {cfg.channels}")
+        channels, note = 1, None
+    elif cfg.dataset == "folder" and cfg.folder:
+        folder = data.ImageFolder(cfg.folder, cfg.image_size, channels=cfg.channels)
+        channels, note = folder.channels, None
+        modes = ", ".join(f"{n} {m}" for m, n in sorted(folder.modes.items()))
+        if folder.channels != folder.detected_channels:
+            kind = "RGB" if folder.detected_channels == 3 else "grayscale"
+            to = "grayscale" if channels == 1 else "RGB (the gray value in all 3 channels)"
+            note = (
+                f"warning: {cfg.folder} holds {kind} images ({modes}); --channels {channels} "
+                f"converts them to {to}"
+            )
+    else:
+        return config, None  # load_dataset names the problem
+    data_cfg = dataclasses.replace(cfg, channels=channels)
+    return dataclasses.replace(config, data=data_cfg), note
 
 
 def build_model(config: Config) -> Unet:

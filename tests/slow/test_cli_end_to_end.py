@@ -222,6 +222,33 @@ def test_bad_input_is_reported_and_never_touches_a_good_checkpoint(tmp_path):
     assert result.returncode == 1 and "not a jaxdiff workdir" in result.stderr
 
 
+def test_an_rgb_folder_trains_as_rgb_and_resumes_without_flags(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    for i in range(12):
+        (images / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"c{i % 3}" / f"{i}.png")
+    workdir = tmp_path / "run"
+    args = ["train", "--workdir", str(workdir), "--data-dir", str(images), *TINY]
+    assert _jaxdiff(*args, "--steps", "2", "--save-every", "2").returncode == 0
+    assert runner.load_config(workdir).data.channels == 3  # detected, and recorded
+    resumed = _jaxdiff("train", "--workdir", str(workdir), "--steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from the checkpoint of step 2" in resumed.stderr
+    assert checkpoint.latest_step(workdir) == 4
+    samples = _jaxdiff("sample", "--workdir", str(workdir), "--num", "2", "--steps", "2")
+    assert samples.returncode == 0, samples.stderr
+    grid = np.load(workdir / "samples" / "ddim2_seed0.npz")["images"]
+    assert grid.shape == (2, 8, 8, 3)
+    # an explicit count converts the images, and says so
+    gray = _jaxdiff("train", "--workdir", str(tmp_path / "gray"), "--data-dir", str(images),
+                    "--channels", "1", "--steps", "1", *TINY)  # fmt: skip
+    assert gray.returncode == 0 and "converts them to grayscale" in gray.stderr, gray.stderr
+
+
 def _params(workdir):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(wd.restored(workdir, None)[2])]
 

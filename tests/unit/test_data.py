@@ -192,3 +192,45 @@ def test_bad_arguments():
         data.batch_at(dataset, 0, 16, seed=0, process_count=3)
     with pytest.raises(ValueError, match="uint8"):
         data.ArrayDataset(np.zeros((2, 4, 4, 1), np.float32))
+
+
+def test_a_folder_is_rgb_when_any_file_is_in_colour(tmp_path):
+    _write(tmp_path / "gray" / "a.png", np.full((8, 8), 10, np.uint8))
+    _write(tmp_path / "gray" / "b.png", np.full((8, 8), 20, np.uint8))
+    gray = data.ImageFolder(tmp_path / "gray", 8, channels=None)
+    assert gray.channels == gray.detected_channels == 1 and gray.modes == {"L": 2}
+    _write(tmp_path / "gray" / "c.png", np.full((8, 8, 3), (200, 10, 10), np.uint8))
+    mixed = data.ImageFolder(tmp_path / "gray", 8, channels=None)
+    assert mixed.channels == 3 and mixed.modes == {"L": 2, "RGB": 1}
+    assert mixed.load().images.shape == (3, 8, 8, 3)
+    assert data.mode_channels("LA") == 1 and data.mode_channels("RGBA") == 3
+
+
+def test_the_run_records_the_channel_count_and_warns_on_conversion(tmp_path):
+    import dataclasses
+
+    from jaxdiff import workdir as wd
+    from jaxdiff.config import PRESETS, DataConfig
+
+    digits = PRESETS["digits"]
+    assert digits.data.channels is None and digits.identity()["data"]["channels"] == 1
+    assert wd.resolve_channels(digits) == (dataclasses.replace(
+        digits, data=dataclasses.replace(digits.data, channels=1)), None)  # fmt: skip
+    with pytest.raises(ValueError, match="digits are grayscale"):
+        wd.resolve_channels(dataclasses.replace(digits, data=DataConfig(channels=3)))
+
+    _write(tmp_path / "rgb" / "a.png", np.full((8, 8, 3), (200, 10, 10), np.uint8))
+    _write(tmp_path / "gray" / "a.png", np.full((8, 8), 10, np.uint8))
+
+    def folder(name, channels):
+        cfg = DataConfig(dataset="folder", folder=str(tmp_path / name), image_size=8,
+                         channels=channels)  # fmt: skip
+        config, note = wd.resolve_channels(dataclasses.replace(digits, data=cfg))
+        return config.data.channels, note
+
+    assert folder("rgb", None) == (3, None) and folder("gray", None) == (1, None)
+    assert folder("rgb", 3) == (3, None)
+    channels, note = folder("rgb", 1)
+    assert channels == 1 and "holds RGB images (1 RGB)" in note and "to grayscale" in note
+    channels, note = folder("gray", 3)
+    assert channels == 3 and "holds grayscale images (1 L)" in note and "to RGB" in note
