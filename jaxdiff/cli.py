@@ -289,6 +289,7 @@ def _bpd(args: argparse.Namespace) -> int:
             step=args.step,
             at_init=args.at_init,
             tails=args.tails,
+            log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
         )
     except ValueError as error:
         return _fail("bpd", error)
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(_presets()),
         help="start from this preset (default: the workdir's config.json when it has one, "
-        "else digits)",
+        "else digits): " + "; ".join(f"{name}, {text}" for name, text in _preset_help().items()),
     )
     train.add_argument(
         "--config",
@@ -467,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("--seed", type=int, default=0)
     bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     bpd.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
+    bpd.add_argument("--quiet", action="store_true", help="no progress lines (stderr)")
     bpd.add_argument(
         "--tails",
         choices=("exact", "reference"),
@@ -571,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
     convert.set_defaults(run=_convert)
     return parser
+
+
+def _preset_help() -> dict[str, str]:
+    from jaxdiff import config
+
+    return {name: config.PRESET_HELP.get(name, "") for name in sorted(config.PRESETS)}
 
 
 def _presets():

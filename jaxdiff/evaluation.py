@@ -88,11 +88,13 @@ def evaluate_bpd(
     step: int | None = None,
     at_init: bool = False,
     tails: str = "exact",
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
     per batch, fixed-small variance). ``at_init`` evaluates the untrained network instead;
     ``tails="reference"`` computes the decoder term with the references' float32 arithmetic
-    (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`)."""
+    (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`). ``log`` receives a
+    progress line per batch (images done, elapsed time, the time left)."""
     likelihood.check_tails(tails)
     config, model, state = wd.restored(workdir, step, at_init=at_init)
     dataset = wd.load_dataset(config.data, split)
@@ -115,6 +117,12 @@ def evaluate_bpd(
         )
 
     totals, priors, decoders = [], [], []
+    log = log or (lambda message: None)
+    log(
+        f"bits/dim of {len(images)} {split} images at step {int(state.step)}: "
+        f"{config.diffusion.timesteps} network calls per batch of {batch_size}; compiling first"
+    )
+    start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         res = bpd(
             state.ema_params, jnp.asarray(images[i : i + batch_size]), jax.random.PRNGKey(seed + i)
@@ -122,6 +130,9 @@ def evaluate_bpd(
         totals.append(np.asarray(res.total_bpd))
         priors.append(np.asarray(res.prior_bpd))
         decoders.append(np.asarray(res.vb[:, 0]))
+        done, elapsed = min(i + batch_size, len(images)), time.perf_counter() - start
+        left = elapsed / done * (len(images) - done)
+        log(f"  {done}/{len(images)} images, {elapsed:.0f} s, about {left:.0f} s left")
     total = np.concatenate(totals)
     wd.refuse_nonfinite(total, "the bits/dim", int(state.step))
     return {

@@ -68,6 +68,9 @@ def test_train_sample_bpd(tmp_path):
     report = json.loads(result.stdout)
     assert report["step"] == 6 and report["split"] == "test" and report["images"] > 100
     assert 0 < report["bits_per_dim"] < 20
+    n = report["images"]
+    assert f"bits/dim of {n} test images at step 6" in result.stderr  # progress on stderr
+    assert f"{n}/{n} images" in result.stderr and "s left" in result.stderr
 
     _check_export(workdir, tmp_path)
 

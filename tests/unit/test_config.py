@@ -98,3 +98,14 @@ def test_train_reports_a_bad_config_file_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.dim must be int" in err and "Traceback" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_every_preset_is_described_in_the_help(capsys):
+    from jaxdiff.config import PRESET_HELP
+
+    assert set(PRESET_HELP) == set(PRESETS)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name in PRESETS:
+        assert f"{name}, " in out
