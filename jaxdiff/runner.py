@@ -261,6 +261,18 @@ def _window_values(window: dict) -> dict[str, float]:
     return out
 
 
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
 def _json_line(values: dict) -> str:
     """One strict-JSON line: a NaN or infinite value is written as null."""
     clean = {
@@ -437,6 +449,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         quality = _TrainingEval(config, model, workdir, main, log)
         guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)
         window_start, window_images = time.perf_counter(), 0
+        run_start = window_start
         window = None
         with open(metrics_path if main else os.devnull, "a") as metrics_file:
             while step < run.steps:
@@ -482,9 +495,12 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     metrics_file.write(_json_line({"step": step, **values}) + "\n")
                     metrics_file.flush()
                     done = int(30 * step / max(run.steps, 1))
+                    left = (run.steps - step) * run.batch_size / max(values["images_per_s"], 1e-9)
                     log(
                         f"[{'#' * done}{'.' * (30 - done)}] step {step}/{run.steps} "
-                        f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s"
+                        f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s, "
+                        f"{_duration(time.perf_counter() - run_start)} elapsed, "
+                        f"{_duration(left)} left"
                     )
                     window_start, window_images = time.perf_counter(), 0
                 paused = time.perf_counter()

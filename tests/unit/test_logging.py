@@ -39,3 +39,9 @@ def test_the_window_logs_means_of_finite_values_and_the_last_ema_update():
     assert math.isnan(values["loss"])  # no finite step: written as null
     assert math.isclose(values["ema_decay"], 0.9, rel_tol=1e-6)
     assert runner._json_line(values).count("null") == 2  # loss and grad_norm
+
+
+def test_durations_read_as_people_write_them():
+    assert [runner._duration(s) for s in (0.4, 42, 185, 3720, 90061)] == [
+        "0s", "42s", "3m05s", "1h02m", "25h01m"
+    ]  # fmt: skip
