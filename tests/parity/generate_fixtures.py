@@ -246,6 +246,39 @@ class Store:
 # Inputs and the deterministic tanh model
 
 
+def run_store_main(argv, description: str, default_out: Path, generate, packages) -> int:
+    """The ``main`` of a one-file generator (Unet, training): ``--out``, deterministic torch,
+    the stand-ins, the versions of ``packages``, ``generate()`` -> a :class:`Store` written to
+    ``--out``, its seeds; 1 when a value is non-finite."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help="output folder")
+    args = parser.parse_args(argv)
+
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    stand_ins = install_stand_ins()
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
+    print(
+        f"torch {torch.__version__}, numpy {np.__version__}, {versions}; "
+        f"stand-ins: {', '.join(stand_ins) or 'none'}"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    tick = time.perf_counter()
+    store = generate()
+    path = store.write(args.out)
+    print(
+        f"{path.name}: {len(store.arrays)} arrays, {len(store.meta)} cases, "
+        f"{path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - tick:.1f} s"
+    )
+    for name, seed in sorted(SEEDS.items()):
+        print(f"  seed {name}: {seed}")
+    if store.nonfinite:
+        print(f"non-finite values in {store.nonfinite}")
+        return 1
+    return 0
+
+
 def pixel_grid_x0(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Pixels uniform on {0..255} mapped by p/127.5 - 1, with the two extreme values forced."""
     pixels = rng.integers(0, 256, size=shape)

@@ -16,15 +16,12 @@ the deterministic .npz writer are those of ``generate_fixtures.py``, loaded from
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import math
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -206,33 +203,9 @@ def generate() -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    args = parser.parse_args(argv)
-
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    stand_ins = gf.install_stand_ins()
-    print(
-        f"torch {torch.__version__}, numpy {np.__version__}, denoising-diffusion-pytorch "
-        f"{importlib.metadata.version('denoising-diffusion-pytorch')}; "
-        f"stand-ins: {', '.join(stand_ins) or 'none'}"
+    return gf.run_store_main(
+        argv, __doc__.split("\n\n")[0], DEFAULT_OUT, generate, ("denoising-diffusion-pytorch",)
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    tick = time.perf_counter()
-    store = generate()
-    path = store.write(args.out)
-    print(
-        f"{path.name}: {len(store.arrays)} arrays, {len(store.meta)} cases, "
-        f"{path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - tick:.1f} s"
-    )
-    for name, seed in sorted(gf.SEEDS.items()):
-        print(f"  seed {name}: {seed}")
-    if store.nonfinite:
-        print(f"non-finite values in {store.nonfinite}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
