@@ -206,7 +206,7 @@ def _train_config(args: argparse.Namespace):
         config = dataclasses.replace(
             config, data=dataclasses.replace(config.data, dataset="folder")
         )
-    return config, source
+    return cfg.validate(config), source
 
 
 def _workdir(args: argparse.Namespace) -> Path:
@@ -255,21 +255,51 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from jaxdiff import evaluation
+    import numpy as np
 
-    name = f"{args.sampler}{args.steps}" if args.sampler == "ddim" else "ddpm"
-    out = args.out or Path(args.workdir) / "samples" / f"{name}_seed{args.seed}"
+    from jaxdiff import config as cfg
+    from jaxdiff import evaluation
+    from jaxdiff import workdir as wd
+
     try:
+        config = cfg.load_config(args.workdir)
+        steps = wd.resolve_steps(config, args.sampler, args.steps)
+        name = wd.sampler_name(config, args.sampler, steps, args.respacing)
+        labels, cols, num = None, None, args.num
+        if args.label is not None:
+            k = config.model.num_classes
+            if args.label == "all" and k is not None:
+                per = args.num if args.num != 64 else 8
+                labels, cols, num = np.repeat(np.arange(k), per), per, k * per
+                name += "_classes"
+            else:
+                try:
+                    label = int(args.label)
+                except ValueError:
+                    raise ValueError(
+                        f"--class takes a class number or all, got {args.label!r}"
+                    ) from None
+                labels = np.full(num, label)
+                name += f"_class{label}"
+        if args.guidance_scale is not None:
+            name += f"_w{args.guidance_scale:g}"
+        out = args.out or Path(args.workdir) / "samples" / f"{name}_seed{args.seed}"
         evaluation.sample_images(
             args.workdir,
             out,
-            num=args.num,
+            num=num,
             sampler=args.sampler,
-            steps=args.steps,
+            steps=steps,
             eta=args.eta,
             seed=args.seed,
             step=args.step,
             overwrite=args.force,
+            labels=labels,
+            guidance_scale=args.guidance_scale,
+            rescaled_phi=args.rescaled_phi,
+            respacing=args.respacing,
+            var_type=args.var_type,
+            cols=cols,
         )
     except ValueError as error:
         return _fail("sample", error)
@@ -289,6 +319,7 @@ def _bpd(args: argparse.Namespace) -> int:
             step=args.step,
             at_init=args.at_init,
             tails=args.tails,
+            var_type=args.var_type,
             log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
         )
     except ValueError as error:
@@ -322,6 +353,10 @@ def _eval(args: argparse.Namespace) -> int:
             real=args.real[0] if args.real else None,
             at_init=args.at_init,
             bpd=args.bpd,
+            respacing=args.respacing,
+            var_type=args.var_type,
+            guidance_scale=args.guidance_scale,
+            rescaled_phi=args.rescaled_phi,
             log=log if not args.quiet else None,
         )
     except ValueError as error:
@@ -399,6 +434,34 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 )
 
 
+_VAR_HELP = (
+    "the model's own variance by default; a fixed-variance model may use fixed_small or fixed_large"
+)
+
+
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="default 50 for DDIM, T for DDPM (fewer: the chain respaced to N steps)",
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
+    parser.add_argument(
+        "--respacing",
+        help="improved-diffusion's timestep_respacing, e.g. ddim50 or 250 or 10,15,20",
+    )
+    parser.add_argument("--var-type", help=_VAR_HELP)
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance of a class-conditional model (1: conditional, no guidance)",
+    )
+    parser.add_argument(
+        "--rescaled-phi", type=float, default=0.0, help="guidance rescaling phi in [0, 1]"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -449,10 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", parents=[compiles], help="sample images from a trained workdir"
     )
     sample.add_argument("--workdir", type=Path, required=True)
-    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    sample.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM uses all T)")
-    sample.add_argument("--eta", type=float, default=0.0)
-    sample.add_argument("--num", type=int, default=64)
+    _sampling_flags(sample)
+    sample.add_argument(
+        "--num", type=int, default=64, help="images (with --class all: per class, default 8)"
+    )
+    sample.add_argument(
+        "--class",
+        dest="label",
+        metavar="N|all",
+        help="the class of a class-conditional model (all: one row per class)",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     sample.add_argument("--out", type=Path, help="output path without suffix (.png and .npz)")
@@ -469,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     bpd.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
     bpd.add_argument("--quiet", action="store_true", help="no progress lines (stderr)")
+    bpd.add_argument("--var-type", help=_VAR_HELP)
     bpd.add_argument(
         "--tails",
         choices=("exact", "reference"),
@@ -489,9 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--workdir", type=Path)
     ev.add_argument("--num", type=int, default=1000, help="samples to draw (default 1000)")
-    ev.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    ev.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM uses all T)")
-    ev.add_argument("--eta", type=float, default=0.0)
+    _sampling_flags(ev)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=250)
     ev.add_argument("--step", type=int, help="checkpoint step (default: the newest)")

@@ -20,11 +20,13 @@ __all__ = [
     "DataConfig",
     "DiffusionConfig",
     "ModelConfig",
+    "OptimConfig",
     "PRESETS",
     "RunConfig",
     "config_from_dict",
     "load_config",
     "load_config_file",
+    "validate",
 ]
 
 
@@ -38,18 +40,72 @@ class ModelConfig:
     dropout: float = 0.0
     attn_heads: int = 4
     attn_dim_head: int = 32
+    # the Unet's time embedding: learned sinusoidal or random Fourier features of that dim
+    learned_sinusoidal_cond: bool = False
+    random_fourier_features: bool = False
+    learned_sinusoidal_dim: int = 16
+    num_mem_kv: int = 4
+    # self-conditioning (Chen et al. 2022): the network also sees its own x0 estimate
+    self_condition: bool = False
+    # class conditioning (denoising-diffusion-pytorch's classifier_free_guidance.Unet): the
+    # number of classes (None: unconditional) and the probability that training drops a label
+    # (the null class), which classifier-free guidance needs
+    num_classes: int | None = None
+    cond_drop_prob: float = 0.5
     dtype: str = "float32"
     remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-    """The process and the loss (denoising-diffusion-pytorch ``GaussianDiffusion``)."""
+    """The process and the loss.
+
+    ``loss`` picks the objective (:func:`jaxdiff.objectives.diffusion_loss_fn`): ``"simple"`` is
+    denoising-diffusion-pytorch's ``p_losses`` (``objective`` eps, x0 or v; ``min_snr_gamma``,
+    ``offset_noise_strength``, self-conditioning); ``"openai"`` is improved-diffusion's
+    ``training_losses`` (``objective`` eps, x0 or prev_x, ``var_type``, ``loss_type``; a learned
+    variance with ``loss_type="mse"`` is L_hybrid, with ``"kl"`` L_vlb; ``vb_weight`` is
+    denoising-diffusion-pytorch's hybrid weight, None for improved-diffusion's T/1000;
+    ``timestep_sampler="loss-second-moment"`` is its importance sampling of t);
+    ``"continuous"`` is the continuous-time process of ``log_snr_schedule`` (+ ``log_snr_shift``)
+    with ``objective`` eps or v.
+    """
 
     schedule: str = "cosine"
     timesteps: int = 1000
     objective: str = "eps"
     min_snr_gamma: float | None = None
+    loss: str = "simple"
+    var_type: str = "fixed_small"
+    loss_type: str = "mse"
+    vb_weight: float | None = None
+    rescale_timesteps: bool = False
+    offset_noise_strength: float = 0.0
+    timestep_sampler: str = "uniform"
+    log_snr_schedule: str = "cosine"
+    log_snr_shift: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser (the learning rate itself is ``run.lr``): Adam or AdamW after global-norm
+    clipping (None: no clipping), a linear warm-up and a decay of the learning rate (optax
+    schedules; ``decay_steps`` None is the run's length when it starts, then recorded),
+    gradient accumulation over micro-batches, and ema-pytorch's EMA schedule."""
+
+    optimizer: str = "adam"
+    b1: float = 0.9
+    b2: float = 0.99
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    lr_decay: str = "constant"
+    decay_steps: int | None = None
+    end_lr_ratio: float = 0.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.995
+    ema_update_every: int = 10
+    ema_update_after_step: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +146,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
+    optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     run: RunConfig = RunConfig()
 
@@ -122,18 +179,70 @@ class Config:
         d["model"].pop("remat")
         if d["model"]["dtype"] == "float32":
             d["model"].pop("dtype")
+        # options added after the first workdirs were written count only when they differ from
+        # their defaults, so that those workdirs keep matching
+        for section, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig)):
+            for name in _ADDED[section]:
+                if d[section][name] == getattr(cls(), name):
+                    d[section].pop(name)
+        if d["optim"] == dataclasses.asdict(OptimConfig()):
+            d.pop("optim")
         return d
 
 
+_ADDED = {
+    "model": (
+        "learned_sinusoidal_cond",
+        "random_fourier_features",
+        "learned_sinusoidal_dim",
+        "num_mem_kv",
+        "self_condition",
+        "num_classes",
+        "cond_drop_prob",
+    ),
+    "diffusion": (
+        "loss",
+        "var_type",
+        "loss_type",
+        "vb_weight",
+        "rescale_timesteps",
+        "offset_noise_strength",
+        "timestep_sampler",
+        "log_snr_schedule",
+        "log_snr_shift",
+    ),
+}
+
+
 PRESET_HELP: dict[str, str] = {
-    "digits": "the embedded 8x8 digits at 16x16, Unet dim 16 (1, 2, 2), 1500 steps of 64: "
-    "recognisable digits in minutes on a 2-core CPU",
+    "digits": "the embedded 8x8 digits at 16x16, Unet dim 16 (1, 2, 2), 1500 steps of 64, "
+    "L_simple (eps, fixed variance, cosine): recognisable digits in minutes on a 2-core CPU",
+    "digits-hybrid": "digits with improved DDPM's L_hybrid: learned-range variance, "
+    "L_simple + L_vlb (rescaled_mse), cosine",
+    "digits-vlb": "digits with improved DDPM's L_vlb (rescaled_kl, learned-range variance) and "
+    "importance sampling of t (loss-second-moment)",
+    "digits-continuous": "digits with the continuous-time process (cosine log-SNR), v prediction",
+    "digits-cond": "class-conditional digits (10 classes, labels dropped with probability 0.2 "
+    "for classifier-free guidance)",
     "digits32": "the digits at 32x32, Unet dim 32 (1, 2, 2, 2), 8000 steps of 32",
 }
 
 PRESETS: dict[str, Config] = {
     # Draws recognisable digits in a few minutes on a 2-core CPU.
     "digits": Config(),
+    "digits-hybrid": Config(
+        diffusion=DiffusionConfig(loss="openai", var_type="learned_range", loss_type="rescaled_mse")
+    ),
+    "digits-vlb": Config(
+        diffusion=DiffusionConfig(
+            loss="openai",
+            var_type="learned_range",
+            loss_type="rescaled_kl",
+            timestep_sampler="loss-second-moment",
+        )
+    ),
+    "digits-continuous": Config(diffusion=DiffusionConfig(loss="continuous", objective="v")),
+    "digits-cond": Config(model=ModelConfig(num_classes=10, cond_drop_prob=0.2)),
     "digits32": Config(
         model=ModelConfig(dim=32, dim_mults=(1, 2, 2, 2)),
         data=DataConfig(image_size=32),
@@ -144,14 +253,114 @@ PRESETS: dict[str, Config] = {
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of the string fields that take one of a few names (by field name)."""
-    from jaxdiff import schedules
+    from jaxdiff import gaussian, losses, schedules
 
     return {
         "schedule": tuple(schedules.BETA_SCHEDULES),
-        "objective": ("eps", "x0", "v"),
+        "objective": ("eps", "x0", "v", "prev_x"),
+        "loss": ("simple", "openai", "continuous"),
+        "var_type": gaussian.VAR_TYPES,
+        "loss_type": losses.LOSS_TYPES,
+        "timestep_sampler": TIMESTEP_SAMPLERS,
+        "log_snr_schedule": tuple(sorted(schedules.LOG_SNR_SCHEDULES)),
+        "optimizer": ("adam", "adamw"),
+        "lr_decay": ("constant", "cosine", "linear"),
         "dtype": ("float32", "bfloat16", "float16"),
         "dataset": ("digits", "folder"),
     }
+
+
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
+
+
+def validate(config: Config) -> Config:
+    """``config`` when its fields agree with each other, else a ValueError that names the
+    fields and the fix. (Each field's type and name is checked when it is read.)"""
+    m, d, o, r = config.model, config.diffusion, config.optim, config.run
+    learned = d.var_type in ("learned", "learned_range")
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(d.timesteps >= 1, f"diffusion.timesteps must be >= 1, got {d.timesteps}")
+    if d.loss == "simple":
+        need(
+            d.objective in ("eps", "x0", "v"),
+            f"loss 'simple' predicts eps, x0 or v, not {d.objective!r} "
+            "(prev_x needs --loss openai)",
+        )
+        need(
+            not learned,
+            f"var_type {d.var_type!r} is learned, which needs improved-diffusion's loss: pass "
+            "--loss openai (L_hybrid with --loss-type mse, L_vlb with --loss-type kl)",
+        )
+        need(d.loss_type == "mse", "loss_type is an option of --loss openai; loss 'simple' is mse")
+    if d.loss == "openai":
+        need(
+            d.objective in ("eps", "x0", "prev_x"),
+            f"improved-diffusion's loss predicts eps, x0 or prev_x, not {d.objective!r} "
+            "(v needs --loss simple or continuous)",
+        )
+        need(not m.self_condition, "self-conditioning needs --loss simple")
+        need(not d.offset_noise_strength, "offset noise needs --loss simple")
+        need(d.min_snr_gamma is None, "min_snr_gamma needs --loss simple or continuous")
+    if d.loss == "continuous":
+        need(
+            d.objective in ("eps", "v"),
+            f"the continuous-time loss predicts eps or v, not {d.objective!r}",
+        )
+        need(d.var_type == "fixed_small", "the continuous-time process has no var_type option")
+        need(d.loss_type == "mse", "loss_type is an option of --loss openai")
+        need(
+            d.timestep_sampler == "uniform",
+            "importance sampling of t needs a discrete loss (--loss simple or openai)",
+        )
+        need(not m.self_condition, "self-conditioning needs --loss simple")
+        need(not d.offset_noise_strength, "offset noise needs --loss simple")
+    need(
+        d.vb_weight is None or (learned and d.loss == "openai"),
+        "vb_weight weighs the variational term of a learned variance (--var-type learned_range)",
+    )
+    need(
+        not d.rescale_timesteps or d.loss != "continuous",
+        "rescale_timesteps is an option of the discrete process",
+    )
+    if m.num_classes is not None:
+        need(m.num_classes >= 1, f"num_classes must be >= 1, got {m.num_classes}")
+        need(not m.self_condition, "the class-conditional Unet has no self-conditioning")
+        need(m.dropout == 0, "the class-conditional Unet has no dropout option (--dropout 0)")
+        need(m.num_mem_kv == 4, "the class-conditional Unet has no num_mem_kv option")
+    need(
+        0.0 <= m.cond_drop_prob <= 1.0, f"cond_drop_prob must be in [0, 1], got {m.cond_drop_prob}"
+    )
+    need(r.lr > 0, f"lr must be > 0, got {r.lr}")
+    need(
+        o.weight_decay == 0 or o.optimizer == "adamw",
+        f"weight_decay {o.weight_decay} needs --optimizer adamw (Adam has no decoupled decay)",
+    )
+    need(o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}")
+    need(
+        o.max_grad_norm is None or o.max_grad_norm > 0,
+        f"max_grad_norm must be > 0 (or null for no clipping), got {o.max_grad_norm}",
+    )
+    need(o.warmup_steps >= 0, f"warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(
+        o.decay_steps is None or o.decay_steps > o.warmup_steps,
+        f"decay_steps ({o.decay_steps}) must exceed warmup_steps ({o.warmup_steps})",
+    )
+    need(0.0 <= o.end_lr_ratio <= 1.0, f"end_lr_ratio must be in [0, 1], got {o.end_lr_ratio}")
+    need(o.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {o.grad_accum_steps}")
+    need(
+        r.batch_size % o.grad_accum_steps == 0,
+        f"batch_size {r.batch_size} is not divisible by grad_accum_steps {o.grad_accum_steps}",
+    )
+    need(0.0 <= o.ema_decay <= 1.0, f"ema_decay must be in [0, 1], got {o.ema_decay}")
+    need(
+        o.ema_update_every >= 1 and o.ema_update_after_step >= 0,
+        "need ema_update_every >= 1 and ema_update_after_step >= 0",
+    )
+    return config
 
 
 def _checked(where: str, value, hint):
@@ -220,7 +429,7 @@ def config_from_dict(values: dict, base: Config | None = None) -> Config:
     Raises:
       ValueError: naming an unknown key (and the allowed ones) or a value of the wrong type.
     """
-    return _from_dict(Config, values, base)
+    return validate(_from_dict(Config, values, base))
 
 
 def load_config_file(path: str | os.PathLike, base: Config | None = None) -> Config:

@@ -235,11 +235,13 @@ def _open_image(path: pathlib.Path):
 class ImageFolder:
     """Every .png/.jpg/.jpeg under ``root`` (recursive, sorted by relative path).
 
-    Each image is converted to grayscale (``channels=1``, Pillow mode ``L``) or RGB
-    (``channels=3``; None: ``detected_channels``, RGB when any file is in colour), its shorter
-    side resized to ``image_size`` (Pillow bilinear, with antialiasing when shrinking) and the
-    centre ``image_size`` square cropped, as denoising-diffusion-pytorch's ``Dataset``
-    (``Resize`` then ``CenterCrop``). Every file's
+    Class labels (``labels``, int32 [N], and ``class_names``) come from the top-level
+    subfolders, sorted by name, when every image lies in one (``root/<class>/...``); otherwise
+    ``labels`` is None. Each image is converted to grayscale (``channels=1``, Pillow mode
+    ``L``) or RGB (``channels=3``; None: ``detected_channels``, RGB when any file is in
+    colour), its shorter side resized to ``image_size`` (Pillow bilinear, with antialiasing
+    when shrinking) and the centre ``image_size`` square cropped, as
+    denoising-diffusion-pytorch's ``Dataset`` (``Resize`` then ``CenterCrop``). Every file's
     header is read at construction, so an unreadable file is reported before training; a file
     that fails later to decode raises a ValueError naming it as well.
     """
@@ -275,6 +277,14 @@ class ImageFolder:
         self.detected_channels = max(mode_channels(m) for m in self.modes)
         self.image_size = image_size
         self.channels = self.detected_channels if channels is None else channels
+        # classes: the top-level subfolders (sorted names), when every image lies in one
+        parts = [p.relative_to(self.root).parts for p in self.files]
+        if all(len(q) > 1 for q in parts):
+            self.class_names = tuple(sorted({q[0] for q in parts}))
+            index = {name: i for i, name in enumerate(self.class_names)}
+            self.labels = np.asarray([index[q[0]] for q in parts], np.int32)
+        else:
+            self.class_names, self.labels = (), None
 
     @staticmethod
     def _check_header(path: pathlib.Path) -> str:
@@ -326,7 +336,7 @@ class ImageFolder:
 
     def load(self) -> ArrayDataset:
         """Decode every image now and keep them in memory."""
-        return ArrayDataset(self.get(np.arange(len(self))))
+        return ArrayDataset(self.get(np.arange(len(self))), self.labels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,13 +373,27 @@ def _process_rows(batch_size: int, process_index: int, process_count: int) -> sl
     return slice(process_index * share, (process_index + 1) * share)
 
 
-def _assemble(dataset, order, flips, position, batch_size, rows, flip):
+def _assemble(dataset, order, flips, position, batch_size, rows, flip, labels=False):
     picked = order[position * batch_size : (position + 1) * batch_size][rows]
     images = dataset.get(picked)
     if flip:
         mirror = flips[position * batch_size : (position + 1) * batch_size][rows]
         images = np.where(mirror[:, None, None, None], images[:, :, ::-1], images)
-    return np.ascontiguousarray(images, np.uint8)
+    images = np.ascontiguousarray(images, np.uint8)
+    if not labels:
+        return images
+    return {"image": images, "label": np.asarray(dataset_labels(dataset)[picked], np.int32)}
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    """The dataset's class labels [N], or a ValueError saying where labels come from."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise ValueError(
+            "this dataset has no class labels: the digits have them, and an image folder has "
+            "them when every image lies in a subfolder named after its class"
+        )
+    return labels
 
 
 def batch_at(
@@ -381,8 +405,10 @@ def batch_at(
     flip: bool = False,
     process_index: int = 0,
     process_count: int = 1,
-) -> np.ndarray:
-    """The batch of global step ``step``: uint8 [B / process_count, H, W, C].
+    labels: bool = False,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """The batch of global step ``step``: uint8 [B / process_count, H, W, C]; with ``labels``
+    a dict of those images (``"image"``) and their int32 class labels (``"label"``).
 
     Epoch e = step // S draws ``order, flips = permutation(N), uniform(N) < 1/2`` from
     ``np.random.default_rng([seed, e])``; the batch is ``order[i B : (i + 1) B]`` with
@@ -394,7 +420,7 @@ def batch_at(
     per_epoch = steps_per_epoch(len(dataset), batch_size)
     rows = _process_rows(batch_size, process_index, process_count)
     order, flips = _epoch_order(seed, step // per_epoch, len(dataset))
-    return _assemble(dataset, order, flips, step % per_epoch, batch_size, rows, flip)
+    return _assemble(dataset, order, flips, step % per_epoch, batch_size, rows, flip, labels)
 
 
 def batches(

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 METRICS = ("auto", "digits", "fid", "all")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = wd.SAMPLERS
 
 
 def sample_images(
@@ -49,16 +49,22 @@ def sample_images(
     *,
     num: int = 64,
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int | None = None,
     eta: float = 0.0,
     seed: int = 0,
     step: int | None = None,
     overwrite: bool = False,
+    labels=None,
+    guidance_scale: float | None = None,
+    rescaled_phi: float = 0.0,
+    respacing: str | None = None,
+    var_type: str | None = None,
+    cols: int | None = None,
 ) -> np.ndarray:
-    """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid) and the
-    uint8 array next to it (.npz). Returns the images."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid, ``cols``
+    per row) and the uint8 array next to it (.npz, with the labels of a conditional model).
+    Returns the images. The options are :func:`jaxdiff.workdir.sample_fn`'s; ``labels`` [num]
+    is required for a class-conditional model and refused for an unconditional one."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     out = pathlib.Path(out)
@@ -67,15 +73,30 @@ def sample_images(
     if existing and not overwrite:
         raise ValueError(f"{existing} exist; pass --force to replace them")
     config, model, state = wd.restored(workdir, step)
-    if not 1 <= steps <= config.diffusion.timesteps:
-        raise ValueError(f"steps must be in [1, {config.diffusion.timesteps}], got {steps}")
-    run = wd.sample_fn(config, model, num, steps, eta, sampler)
-    raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed)))
+    steps = wd.resolve_steps(config, sampler, steps)
+    wd.check_labels(config, labels, guidance_scale)
+    if labels is not None and np.shape(labels) != (num,):
+        raise ValueError(f"labels must have shape [{num}], got {np.shape(labels)}")
+    run = wd.sample_fn(
+        config,
+        model,
+        num,
+        steps,
+        eta,
+        sampler,
+        respacing=respacing,
+        var_type=var_type,
+        guidance_scale=guidance_scale,
+        rescaled_phi=rescaled_phi,
+    )
+    y = None if labels is None else jnp.asarray(labels, jnp.int32)
+    raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed), 0, y))
     wd.refuse_nonfinite(raw, "the samples", int(state.step))
     images = wd.to_uint8(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wd.grid_png(images, targets[0])
-    np.savez_compressed(targets[1], images=images)
+    wd.grid_png(images, targets[0], cols)
+    extra = {} if labels is None else {"labels": np.asarray(labels, np.int32)}
+    np.savez_compressed(targets[1], images=images, **extra)
     return images
 
 
@@ -88,31 +109,44 @@ def evaluate_bpd(
     step: int | None = None,
     at_init: bool = False,
     tails: str = "exact",
+    var_type: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
-    per batch, fixed-small variance). ``at_init`` evaluates the untrained network instead;
-    ``tails="reference"`` computes the decoder term with the references' float32 arithmetic
+    per batch) with the model's own variance: a learned one, or its fixed one (``var_type``
+    may swap fixed_small and fixed_large; see :func:`jaxdiff.workdir.sampling_var_type`). A
+    class-conditional model is evaluated given each image's label (the conditional
+    likelihood). ``at_init`` evaluates the untrained network instead; ``tails="reference"``
+    computes the decoder term with the references' float32 arithmetic
     (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`). ``log`` receives a
     progress line per batch (images done, elapsed time, the time left)."""
     likelihood.check_tails(tails)
     config, model, state = wd.restored(workdir, step, at_init=at_init)
+    if config.diffusion.loss == "continuous":
+        raise ValueError(
+            "bits/dim is defined here for discrete-time models; this one is continuous-time "
+            "(--loss continuous)"
+        )
+    var_type = wd.sampling_var_type(config, var_type)
     dataset = wd.load_dataset(config.data, split)
     images = data.to_unit_range(dataset.get(np.arange(len(dataset))))
+    conditional = config.model.num_classes is not None
+    labels = data.dataset_labels(dataset) if conditional else np.zeros(len(images), np.int32)
     # The decoder term needs a finite variance at t = 0: improved-diffusion's beta-tilde_1, not
     # denoising-diffusion-pytorch's floor of 1e-20 (which only sampling, where t = 0 adds no
     # noise, can afford).
     c = wd.build_coeffs(config.diffusion, convention="openai")
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
-    def bpd(params, x, key):
+    def bpd(params, x, y, key):
+        kwargs = {"label": y} if conditional else {}
         return likelihood.calc_bpd_loop(
-            lambda x_t, t: model.apply(params, x_t, t),
+            lambda x_t, t: model.apply(params, x_t, t, **kwargs),
             c,
             x,
             key=key,
             mean_type=config.diffusion.objective,
-            var_type="fixed_small",
+            var_type=var_type,
             tails=tails,
         )
 
@@ -125,7 +159,10 @@ def evaluate_bpd(
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         res = bpd(
-            state.ema_params, jnp.asarray(images[i : i + batch_size]), jax.random.PRNGKey(seed + i)
+            state.ema_params,
+            jnp.asarray(images[i : i + batch_size]),
+            jnp.asarray(labels[i : i + batch_size]),
+            jax.random.PRNGKey(seed + i),
         )
         totals.append(np.asarray(res.total_bpd))
         priors.append(np.asarray(res.prior_bpd))
@@ -143,6 +180,7 @@ def evaluate_bpd(
         "images": int(len(images)),
         "step": int(state.step),
         "timesteps": config.diffusion.timesteps,
+        "var_type": var_type,
         "tails": tails,
     }
 
@@ -286,9 +324,8 @@ def sample_statistics(
     return stats, np.concatenate(grid), pixel_sum / max(done, 1)
 
 
-def _run_key(sampler: str, steps: int, eta: float, num: int, seed: int, timesteps: int) -> str:
-    name = f"ddpm{timesteps}" if sampler == "ddpm" else f"ddim{steps}"
-    if sampler == "ddim" and eta:
+def _run_key(name: str, eta: float, num: int, seed: int) -> str:
+    if name.startswith("ddim") and eta:
         name += f"_eta{eta:g}"
     return f"{name}_n{num}_seed{seed}"
 
@@ -308,7 +345,7 @@ def evaluate(
     *,
     num: int = 1000,
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int | None = None,
     eta: float = 0.0,
     seed: int = 0,
     batch_size: int = 250,
@@ -318,6 +355,10 @@ def evaluate(
     real: str | os.PathLike | None = None,
     at_init: bool = False,
     bpd: bool = False,
+    respacing: str | None = None,
+    var_type: str | None = None,
+    guidance_scale: float | None = None,
+    rescaled_phi: float = 0.0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Sample-quality metrics of a workdir's EMA model (``jaxdiff eval``).
@@ -328,7 +369,10 @@ def evaluate(
     data, or ``real``: a folder or a statistics ``.npz``), the Inception Score (classifier score
     for the digits metric) and precision/recall (k = 3, over the first 2000 rows of each set).
     On digits it also has the real-data floor: the held-out test split against the same
-    reference. ``bpd=True`` adds the test bits/dim (:func:`evaluate_bpd`).
+    reference. ``bpd=True`` adds the test bits/dim (:func:`evaluate_bpd`). ``steps`` (default
+    50 for DDIM, T for DDPM), ``respacing``, ``var_type``, ``guidance_scale`` and
+    ``rescaled_phi`` are :func:`jaxdiff.workdir.sample_fn`'s; a class-conditional model draws
+    every class equally often (sample j has class j mod K).
 
     The result is also merged into ``<workdir>/eval/results.json`` under the checkpoint step and
     the sampling setting, and the first 64 samples are written as a PNG grid next to it.
@@ -339,8 +383,7 @@ def evaluate(
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     config, model, state = wd.restored(workdir, step, at_init=at_init)
-    if not 1 <= steps <= config.diffusion.timesteps:
-        raise ValueError(f"steps must be in [1, {config.diffusion.timesteps}], got {steps}")
+    steps = wd.resolve_steps(config, sampler, steps)
     extractors = extractors_for(config, metric, inception_weights)
     for e in extractors:  # fail before sampling, not after
         if num <= e.dim and real is None:
@@ -358,7 +401,18 @@ def evaluate(
         for e in extractors
     ]
     batch = min(batch_size, num)
-    sample = wd.sample_fn(config, model, batch, steps, eta, sampler)
+    sample = wd.sample_fn(
+        config,
+        model,
+        batch,
+        steps,
+        eta,
+        sampler,
+        respacing=respacing,
+        var_type=var_type,
+        guidance_scale=guidance_scale,
+        rescaled_phi=rescaled_phi,
+    )
     at = int(state.step)
     stats, grid, mean_pixel = sample_statistics(
         sample,
@@ -371,8 +425,8 @@ def evaluate(
     )
     result: dict[str, Any] = {
         "step": at,
-        "sampler": sampler,
-        "steps": config.diffusion.timesteps if sampler == "ddpm" else steps,
+        "sampler": wd.sampler_name(config, sampler, steps, respacing),
+        "steps": steps,
         "eta": eta,
         "seed": seed,
         "num": num,
@@ -392,10 +446,16 @@ def evaluate(
                 )
                 result[f"{e.name}_floor"] = features.quality(s, ref)
     if bpd:
-        result["bpd"] = evaluate_bpd(workdir, step=step, at_init=at_init)["bits_per_dim"]
+        result["bpd"] = evaluate_bpd(workdir, step=step, at_init=at_init, var_type=var_type)[
+            "bits_per_dim"
+        ]
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    run_key = _run_key(sampler, steps, eta, num, seed, config.diffusion.timesteps)
+    if guidance_scale is not None:
+        result["guidance_scale"], result["rescaled_phi"] = guidance_scale, rescaled_phi
+    run_key = _run_key(wd.sampler_name(config, sampler, steps, respacing), eta, num, seed)
+    if guidance_scale is not None:
+        run_key += f"_w{guidance_scale:g}" + (f"_phi{rescaled_phi:g}" if rescaled_phi else "")
     step_key = "init" if at_init else str(at)
     wd.write_atomic(out_dir / f"samples-{step_key}-{run_key}.png", lambda t: wd.grid_png(grid, t))
     _merge_results(out_dir / "results.json", step_key, run_key, result)

@@ -12,10 +12,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import continuous, gaussian, likelihood, losses
+from jaxdiff import continuous, gaussian, likelihood, losses, schedules
 from jaxdiff.gaussian import DiffusionCoeffs
 
-__all__ = ["LOSSES", "diffusion_loss_fn"]
+__all__ = [
+    "LOSSES",
+    "diffusion_loss_fn",
+    "initial_loss_state",
+    "log_snr_fn_of",
+    "loss_fn_from_config",
+    "process_coeffs",
+]
 
 LOSSES: tuple[str, ...] = ("simple", "openai", "continuous")
 
@@ -24,6 +31,8 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 def _images(batch: Any) -> jax.Array:
     x = batch["image"] if isinstance(batch, Mapping) else batch
+    if not hasattr(x, "dtype"):
+        raise ValueError(f"a batch is an image array or a dict with 'image', got {type(x)}")
     if x.dtype == jnp.uint8:
         return x.astype(jnp.float32) / 127.5 - 1.0
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -53,6 +62,7 @@ def diffusion_loss_fn(
     vb_weight: float | None = None,
     tails: str = "exact",
     log_snr_fn: Callable[[jax.Array], jax.Array] | None = None,
+    cond_drop_prob: float = 0.0,
     train: bool = True,
 ) -> LossFn:
     """A ``loss_fn(params, batch, key[, loss_state])`` for :func:`make_train_step`.
@@ -77,9 +87,17 @@ def diffusion_loss_fn(
     losses are recorded in the sampler's history (improved-diffusion's
     ``LossSecondMomentResampler``); the new history is ``aux["loss_state"]``.
 
-    The network is called as ``apply_fn(params, x_t, time, [x_self_cond=...], train=True,
-    rngs={"dropout": key})`` (jaxdiff's ``Unet``; ``train=False`` calls
-    ``apply_fn(params, x_t, time)``). x_t is cast to the dtype of the params (bfloat16 under
+    Each discrete loss also returns every term's mean per quarter of the timesteps
+    (``loss_q0`` .. ``loss_q3``, and ``mse_q*``, ``vb_q*`` for improved-diffusion's loss).
+
+    The network is called as ``apply_fn(params, x_t, time, **cond, [x_self_cond=...],
+    train=True, rngs={"dropout": key})`` (jaxdiff's ``Unet``; ``train=False`` calls
+    ``apply_fn(params, x_t, time, **cond)``, the form for a Flax NNX or any other JAX model),
+    where ``cond`` is every entry of a dict batch other than ``"image"``, under its own name:
+    a ``"label"`` [B] reaches the network as ``label=``, and so does anything a user adds.
+    With ``cond_drop_prob`` p > 0 each label is replaced by -1, the null class, with
+    probability p (label dropout, which classifier-free guidance needs; Ho & Salimans 2022).
+    x_t is cast to the dtype of the params (bfloat16 under
     ``make_train_step(compute_dtype=...)``), time stays float32 (bfloat16 cannot hold the
     integers up to 1000), and the output is cast back to float32 for the loss.
 
@@ -116,19 +134,26 @@ def diffusion_loss_fn(
     if tails != "exact" and loss != "openai":
         raise ValueError(f"tails={tails!r} is supported with loss='openai', not {loss!r}")
 
-    def call(params, x, time, dropout_key, **kwargs):
-        extra = {"train": True, "rngs": {"dropout": dropout_key}} if train else {}
-        dtype = _floating_dtype(params)
-        kwargs = {k: v.astype(dtype) for k, v in kwargs.items()}
-        return apply_fn(params, x.astype(dtype), time, **kwargs, **extra).astype(x.dtype)
+    if not 0.0 <= cond_drop_prob <= 1.0:
+        raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob!r}")
 
     def loss_fn(params, batch, key, loss_state=None):
         x0 = _images(batch)
         size = x0.shape[0]
-        t_key, noise_key, dropout_key, offset_key, cond_key = (
-            jax.random.fold_in(key, i) for i in range(5)
+        t_key, noise_key, dropout_key, offset_key, cond_key, drop_key = (
+            jax.random.fold_in(key, i) for i in range(6)
         )
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        cond = _conditioning(batch, size, cond_drop_prob, drop_key)
+
+        def call(params, x, time, dropout_key, **kwargs):
+            extra = {"train": True, "rngs": {"dropout": dropout_key}} if train else {}
+            dtype = _floating_dtype(params)
+            kwargs = {
+                k: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                for k, v in {**cond, **kwargs}.items()
+            }
+            return apply_fn(params, x.astype(dtype), time, **kwargs, **extra).astype(x.dtype)
 
         if loss == "continuous":
             if loss_state is not None:
@@ -187,12 +212,47 @@ def diffusion_loss_fn(
             )
             per_example = terms["loss"]
             aux = {k: jnp.mean(v) for k, v in terms.items() if k != "loss"}
+        if loss == "simple":
+            terms = {"loss": per_example}
+        aux.update(_quartiles(terms, t, coeffs.num_timesteps))
 
         if loss_state is not None:
             aux["loss_state"] = losses.loss_second_moment_update(loss_state, t, per_example)
         return jnp.mean(per_example * weights), aux
 
     return loss_fn
+
+
+def _quartiles(terms: dict, t: jax.Array, num_timesteps: int) -> dict[str, jax.Array]:
+    """Each term's batch mean per quarter of the timesteps, ``loss_q0`` .. ``loss_q3``
+    (improved-diffusion's ``log_loss_dict``); NaN for a quarter the batch does not sample."""
+    quarter = (t * 4) // num_timesteps
+    out = {}
+    for name, values in terms.items():
+        for q in range(4):
+            hit = (quarter == q).astype(values.dtype)
+            count = jnp.sum(hit)
+            total = jnp.sum(values * hit)
+            out[f"{name}_q{q}"] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+    return out
+
+
+def _conditioning(batch, size: int, drop_prob: float, key) -> dict[str, jax.Array]:
+    """The batch's entries besides the image, as the network's keyword arguments; labels
+    dropped to -1 with probability ``drop_prob``."""
+    if not isinstance(batch, Mapping):
+        return {}
+    cond = {k: jnp.asarray(v) for k, v in batch.items() if k != "image"}
+    for name, value in cond.items():
+        if value.shape[:1] != (size,):
+            raise ValueError(
+                f"batch[{name!r}] must have the batch size {size} as its first axis, got "
+                f"shape {value.shape}"
+            )
+    if drop_prob and "label" in cond:
+        drop = jax.random.bernoulli(key, drop_prob, (size,))
+        cond["label"] = jnp.where(drop, -1, cond["label"]).astype(cond["label"].dtype)
+    return cond
 
 
 def _self_conditioned(call, params, coeffs, objective, t, dropout_key, cond_key, enabled):
@@ -210,3 +270,65 @@ def _self_conditioned(call, params, coeffs, objective, t, dropout_key, cond_key,
         return call(params, x, time, dropout_key, x_self_cond=cond)
 
     return model_fn
+
+
+# --------------------------------------------------------------------------------------------
+# From a configuration (jaxdiff.config.DiffusionConfig and ModelConfig)
+# --------------------------------------------------------------------------------------------
+
+
+def process_coeffs(
+    diffusion, convention: str | None = None, respacing: str | None = None
+) -> DiffusionCoeffs:
+    """The coefficient table of a :class:`jaxdiff.config.DiffusionConfig`'s discrete process.
+
+    ``convention`` defaults to the loss's reference: ``"openai"`` for improved-diffusion's loss
+    (the lower end of the learned-range variance is its log beta-tilde_1), ``"lucidrains"``
+    otherwise. ``respacing`` (``"ddim50"``, ``"250"``) gives the respaced chain.
+    """
+    if convention is None:
+        convention = "openai" if diffusion.loss == "openai" else "lucidrains"
+    betas = schedules.get_named_beta_schedule(diffusion.schedule, diffusion.timesteps)
+    return gaussian.make_coeffs(
+        betas,
+        convention=convention,
+        respacing=respacing,
+        rescale_timesteps=diffusion.rescale_timesteps,
+    )
+
+
+def log_snr_fn_of(diffusion) -> Callable[[jax.Array], jax.Array]:
+    """The continuous-time log-SNR schedule of a ``DiffusionConfig``."""
+    return schedules.log_snr_schedule(diffusion.log_snr_schedule, shift=diffusion.log_snr_shift)
+
+
+def initial_loss_state(diffusion) -> losses.LossSecondMomentState | None:
+    """The loss's own state at step 0: the importance sampler's history, or None."""
+    if diffusion.timestep_sampler == "loss-second-moment":
+        return losses.loss_second_moment_init(diffusion.timesteps)
+    return None
+
+
+def loss_fn_from_config(apply_fn: Callable[..., jax.Array], config) -> LossFn:
+    """:func:`diffusion_loss_fn` for a :class:`jaxdiff.config.Config` (its ``diffusion`` and
+    ``model`` sections): the loss, objective and variance, min-SNR, offset noise,
+    self-conditioning, label dropout of a class-conditional model."""
+    d, m = config.diffusion, config.model
+    kwargs: dict[str, Any] = {"loss": d.loss}
+    if d.loss == "continuous":
+        kwargs.update(objective=d.objective, min_snr_gamma=d.min_snr_gamma)
+        kwargs["log_snr_fn"] = log_snr_fn_of(d)
+    elif d.loss == "simple":
+        kwargs.update(
+            objective=d.objective,
+            min_snr_gamma=d.min_snr_gamma,
+            offset_noise_strength=d.offset_noise_strength,
+            self_condition=m.self_condition,
+        )
+    else:
+        kwargs.update(
+            mean_type=d.objective, var_type=d.var_type, loss_type=d.loss_type, vb_weight=d.vb_weight
+        )
+    coeffs = None if d.loss == "continuous" else process_coeffs(d)
+    drop = m.cond_drop_prob if m.num_classes is not None else 0.0
+    return diffusion_loss_fn(apply_fn, coeffs, cond_drop_prob=drop, **kwargs)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checkpoint, data, evaluation, features, train
+from jaxdiff import checkpoint, data, evaluation, features, objectives, train
 from jaxdiff import workdir as wd
 from jaxdiff.config import (
     PRESETS,
@@ -42,6 +42,7 @@ from jaxdiff.config import (
     ModelConfig,
     RunConfig,
     load_config,
+    validate,
 )
 from jaxdiff.evaluation import evaluate_bpd, sample_images
 
@@ -352,6 +353,7 @@ def train_and_evaluate(
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got {run.steps}, {run.batch_size}")
     if run.max_nonfinite_steps < 1:
         raise ValueError(f"max_nonfinite_steps must be >= 1, got {run.max_nonfinite_steps}")
+    config = wd.resolve_schedule(validate(config))
     config, note = wd.resolve_channels(config)  # config.json records the count
     if note and jax.process_index() == 0:
         log(note)
@@ -411,16 +413,24 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
             f"use a multiple of {mesh.size}"
         )
     model = wd.build_model(config)
-    optimizer = train.default_optimizer(run.lr)
-    loss_fn = train.diffusion_loss_fn(
-        model.apply,
-        wd.build_coeffs(config.diffusion),
-        loss="simple",
-        objective=config.diffusion.objective,
-        min_snr_gamma=config.diffusion.min_snr_gamma,
+    optimizer = wd.build_optimizer(config)
+    loss_fn = objectives.loss_fn_from_config(model.apply, config)
+    train_step = train.make_train_step(
+        loss_fn,
+        optimizer,
+        ema=wd.build_ema(config),
+        grad_accum_steps=config.optim.grad_accum_steps,
+        mesh=mesh,
     )
-    train_step = train.make_train_step(loss_fn, optimizer, mesh=mesh)
     state = wd.initial_state(config, model, optimizer, mesh)
+    conditional = config.model.num_classes is not None
+    if conditional:
+        labels = data.dataset_labels(dataset)
+        if labels.max() >= config.model.num_classes:
+            raise ValueError(
+                f"the dataset has labels up to {labels.max()}, more than num_classes = "
+                f"{config.model.num_classes} allows: pass --num-classes {labels.max() + 1}"
+            )
 
     with checkpoint.Checkpoints(
         workdir, config=config.identity(), save_every=run.save_every, keep=run.keep
@@ -438,12 +448,15 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         sample = wd.sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
         sample_key = jax.random.PRNGKey(run.seed + 1)
 
+        cols = config.model.num_classes  # a conditional grid: one column per class
+
         def write_samples(step: int) -> None:
             images = wd.to_uint8(sample(state.ema_params, sample_key))
             if not main:
                 return
             for name in (f"step_{step}.png", "latest.png"):
-                wd.write_atomic(workdir / "samples" / name, lambda tmp: wd.grid_png(images, tmp))
+                path = workdir / "samples" / name
+                wd.write_atomic(path, lambda tmp: wd.grid_png(images, tmp, cols))
 
         step = start_step = int(state.step)
         quality = _TrainingEval(config, model, workdir, main, log)
@@ -461,6 +474,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     flip=config.data.flip,
                     process_index=jax.process_index(),
                     process_count=jax.process_count(),
+                    labels=conditional,
                 )
                 first = window_images == 0 and step == start_step
                 if first:

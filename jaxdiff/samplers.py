@@ -130,21 +130,60 @@ def guided_model_fn(
     cond_kwargs: dict,
     uncond_kwargs: dict,
     channels: int | None = None,
+    *,
+    rescaled_phi: float = 0.0,
+    batched: bool = False,
 ) -> Callable[..., jnp.ndarray]:
-    """Classifier-free guidance (Ho & Salimans 2022): out = u + scale * (c - u).
+    r"""Classifier-free guidance (Ho & Salimans 2022): out = u + scale * (c - u).
 
-    ``c`` and ``u`` are the outputs with ``cond_kwargs`` and ``uncond_kwargs``. With a learned
-    variance pass ``channels`` = C: only the first C (mean) channels are guided, the variance
-    channels come from the conditional output.
+    ``c`` and ``u`` are the outputs with ``cond_kwargs`` and ``uncond_kwargs`` (for jaxdiff's
+    class-conditional Unet ``{"label": y}`` and ``{"label": -1 everywhere}``, the null class).
+    With a learned variance pass ``channels`` = C: only the first C (mean) channels are guided,
+    the variance channels come from the conditional output. ``rescaled_phi`` = phi > 0 blends
+    in the guided output rescaled to the conditional output's standard deviation per example
+    (Lin et al. 2023, Common Diffusion Noise Schedules, Alg. 2; denoising-diffusion-pytorch's
+    ``forward_with_cond_scale``, with torch's unbiased std):
+
+    .. math:: g = u + s (c - u),\quad
+        \mathrm{out} = \phi\, g\, \sigma(c) / \sigma(g) + (1 - \phi)\, g
+
+    ``batched`` evaluates both in one network call on the doubled batch (x, the time and every
+    keyword argument concatenated along axis 0; cond and uncond kwargs need the same keys).
     """
 
-    def guided(x, time, **kwargs):
-        cond = model_fn(x, time, **kwargs, **cond_kwargs)
-        uncond = model_fn(x, time, **kwargs, **uncond_kwargs)
-        mixed = uncond + scale * (cond - uncond)
+    def mix(cond, uncond):
+        guided = uncond + scale * (cond - uncond)
+        if channels is not None:
+            guided, cond_mean = guided[..., :channels], cond[..., :channels]
+        else:
+            cond_mean = cond
+        if rescaled_phi:
+            axes = tuple(range(1, guided.ndim))
+            ratio = jnp.std(cond_mean, axis=axes, keepdims=True, ddof=1) / jnp.std(
+                guided, axis=axes, keepdims=True, ddof=1
+            )
+            guided = rescaled_phi * guided * ratio + (1.0 - rescaled_phi) * guided
         if channels is None:
-            return mixed
-        return jnp.concatenate([mixed[..., :channels], cond[..., channels:]], axis=-1)
+            return guided
+        return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+
+    if batched and set(cond_kwargs) != set(uncond_kwargs):
+        raise ValueError(
+            f"batched guidance needs the same keyword arguments for both halves, got "
+            f"{sorted(cond_kwargs)} and {sorted(uncond_kwargs)}"
+        )
+
+    def guided(x, time, **kwargs):
+        if not batched:
+            cond = model_fn(x, time, **kwargs, **cond_kwargs)
+            uncond = model_fn(x, time, **kwargs, **uncond_kwargs)
+            return mix(cond, uncond)
+        n = x.shape[0]
+        both = {k: jnp.concatenate([v, v]) for k, v in kwargs.items()}
+        both.update({k: jnp.concatenate([cond_kwargs[k], uncond_kwargs[k]]) for k in cond_kwargs})
+        time = jnp.broadcast_to(time, (n,))
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([time, time]), **both)
+        return mix(out[:n], out[n:])
 
     return guided
 

@@ -15,19 +15,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checkpoint, data, gaussian, samplers, schedules, train
+from jaxdiff import checkpoint, data, gaussian, objectives, samplers, train
 from jaxdiff.compilation import compiler_options
 from jaxdiff.config import Config, DataConfig, DiffusionConfig, load_config
 from jaxdiff.models import Unet
 
 __all__ = [
     "build_coeffs",
+    "build_ema",
     "build_model",
+    "build_optimizer",
+    "model_inputs",
     "grid_png",
     "initial_state",
     "load_dataset",
     "num_channels",
     "resolve_channels",
+    "resolve_schedule",
     "refuse_nonfinite",
     "restored",
     "sample_fn",
@@ -87,39 +91,125 @@ def resolve_channels(config: Config) -> tuple[Config, str | None]:
     return dataclasses.replace(config, data=data_cfg), note
 
 
-def build_model(config: Config) -> Unet:
-    m = config.model
-    return Unet(
+def build_model(config: Config):
+    """The run's network: jaxdiff's ``Unet``, or its ``ClassConditionalUnet`` when
+    ``model.num_classes`` is set; a learned variance doubles the output channels."""
+    m, d = config.model, config.diffusion
+    common = dict(
         dim=m.dim,
         dim_mults=tuple(m.dim_mults),
         channels=num_channels(config.data),
-        dropout=m.dropout,
+        learned_variance=d.var_type in ("learned", "learned_range"),
+        learned_sinusoidal_cond=m.learned_sinusoidal_cond,
+        random_fourier_features=m.random_fourier_features,
+        learned_sinusoidal_dim=m.learned_sinusoidal_dim,
         attn_heads=m.attn_heads,
         attn_dim_head=m.attn_dim_head,
         dtype=None if m.dtype == "float32" else m.dtype,
         remat=m.remat,
     )
+    if m.num_classes is not None:
+        from jaxdiff.models import ClassConditionalUnet
+
+        return ClassConditionalUnet(
+            num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob, **common
+        )
+    return Unet(
+        dropout=m.dropout, num_mem_kv=m.num_mem_kv, self_condition=m.self_condition, **common
+    )
 
 
-def build_coeffs(cfg: DiffusionConfig, convention: str = "lucidrains") -> gaussian.DiffusionCoeffs:
-    betas = schedules.get_named_beta_schedule(cfg.schedule, cfg.timesteps)
-    return gaussian.make_coeffs(betas, convention=convention)
+def build_coeffs(
+    cfg: DiffusionConfig, convention: str = "lucidrains", respacing: str | None = None
+) -> gaussian.DiffusionCoeffs:
+    return objectives.process_coeffs(cfg, convention, respacing)
 
 
-def initial_state(config: Config, model: Unet, optimizer, mesh):
-    key = jax.random.PRNGKey(config.run.seed)
+def build_optimizer(config: Config):
+    """The run's optax optimiser: Adam (denoising-diffusion-pytorch's Trainer) or AdamW after
+    global-norm clipping, with the learning rate's warm-up and decay (optax schedules) injected
+    as a hyperparameter, so that it is logged."""
+    import optax
+
+    o, lr = config.optim, config.run.lr
+    schedule = lr
+    if o.warmup_steps or o.lr_decay != "constant":
+        end = lr * o.end_lr_ratio
+        decay_steps = o.decay_steps or config.run.steps
+        if o.lr_decay == "cosine":
+            schedule = optax.warmup_cosine_decay_schedule(
+                lr if o.warmup_steps == 0 else 0.0, lr, o.warmup_steps, decay_steps, end
+            )
+        else:
+            warm = optax.linear_schedule(0.0, lr, o.warmup_steps)
+            after = (
+                optax.constant_schedule(lr)
+                if o.lr_decay == "constant"
+                else optax.linear_schedule(lr, end, decay_steps - o.warmup_steps)
+            )
+            schedule = optax.join_schedules([warm, after], [o.warmup_steps])
+    if o.optimizer == "adam":
+        return train.default_optimizer(schedule, b1=o.b1, b2=o.b2, max_grad_norm=o.max_grad_norm)
+
+    def make(learning_rate):
+        adamw = optax.adamw(learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+        if o.max_grad_norm is None:
+            return adamw
+        return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw)
+
+    return optax.inject_hyperparams(make)(learning_rate=schedule)
+
+
+def build_ema(config: Config):
+    """ema-pytorch's EMA schedule with the run's settings."""
+    o = config.optim
+    return train.ema_pytorch_decay(
+        beta=o.ema_decay,
+        update_every=o.ema_update_every,
+        update_after_step=o.ema_update_after_step,
+    )
+
+
+def resolve_schedule(config: Config) -> Config:
+    """``config`` with a learning-rate decay's ``decay_steps`` fixed to the run's length when it
+    is None (config.json records it, so a longer resumed run decays as the first one did)."""
+    o = config.optim
+    if o.lr_decay == "constant" or o.decay_steps is not None:
+        return config
+    steps = max(config.run.steps, o.warmup_steps + 1)
+    return dataclasses.replace(config, optim=dataclasses.replace(o, decay_steps=steps))
+
+
+def model_inputs(config: Config, batch: int = 1) -> dict:
+    """Example inputs of the run's network: ``(x, time)`` and its keyword arguments."""
     size = config.data.image_size
-    x = jnp.zeros((1, size, size, num_channels(config.data)))
-    params = model.init(jax.random.fold_in(key, 1), x, jnp.zeros((1,)))
-    return train.create_train_state(params, optimizer, jax.random.fold_in(key, 2), mesh=mesh)
+    x = jnp.zeros((batch, size, size, num_channels(config.data)))
+    kwargs = {}
+    if config.model.num_classes is not None:
+        kwargs["label"] = jnp.zeros((batch,), jnp.int32)
+    return {"args": (x, jnp.zeros((batch,))), "kwargs": kwargs}
 
 
-def grid_png(images: np.ndarray, path: pathlib.Path) -> None:
-    """Save uint8 [N, H, W, C] as one square-ish grid PNG with 2-pixel gaps."""
+def initial_state(config: Config, model, optimizer, mesh):
+    key = jax.random.PRNGKey(config.run.seed)
+    inputs = model_inputs(config)
+    params = model.init(jax.random.fold_in(key, 1), *inputs["args"], **inputs["kwargs"])
+    return train.create_train_state(
+        params,
+        optimizer,
+        jax.random.fold_in(key, 2),
+        loss_state=objectives.initial_loss_state(config.diffusion),
+        mesh=mesh,
+    )
+
+
+def grid_png(images: np.ndarray, path: pathlib.Path, cols: int | None = None) -> None:
+    """Save uint8 [N, H, W, C] as one grid PNG with 2-pixel gaps (square-ish, or ``cols``
+    images per row)."""
     from PIL import Image
 
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
     for i, img in enumerate(images):
@@ -131,36 +221,182 @@ def grid_png(images: np.ndarray, path: pathlib.Path) -> None:
     big.save(path, format="PNG")
 
 
-def sample_fn(config: Config, model: Unet, num: int, steps: int, eta: float, sampler: str):
-    """A jitted ``run(params, key, first=0) -> [num, H, W, C]`` sampler of the run's process.
+SAMPLERS = ("ddim", "ddpm")
+
+
+def resolve_steps(config: Config, sampler: str, steps: int | None) -> int:
+    """The step count of a sampling run: ``steps``, else 50 for DDIM and T for DDPM (and for
+    the continuous-time sampler, 250); a ValueError outside [1, T]."""
+    d = config.diffusion
+    if steps is None:
+        if d.loss == "continuous":
+            return 250
+        return d.timesteps if sampler == "ddpm" else 50
+    if not isinstance(steps, int) or not 1 <= steps <= max(d.timesteps, 1):
+        raise ValueError(f"steps must be an integer in [1, {d.timesteps}], got {steps!r}")
+    return steps
+
+
+def sampler_name(config: Config, sampler: str, steps: int, respacing: str | None = None) -> str:
+    """``ddim50``, ``ddpm1000``, ``ddpm_respaced250``, ``continuous250``: what ran."""
+    if config.diffusion.loss == "continuous":
+        return f"continuous{steps}"
+    if respacing is not None:
+        return f"{sampler}_respaced{respacing.replace(',', '-')}"
+    return f"{sampler}{steps}"
+
+
+def sampling_var_type(config: Config, var_type: str | None) -> str:
+    """The variance that sampling and bits/dim use: the model's own (a learned one, or the
+    fixed one it was trained with), or ``var_type`` where a fixed-variance model may use the
+    other fixed variance; anything else is a ValueError naming the model's."""
+    own = config.diffusion.var_type
+    if var_type is None or var_type == own:
+        return own
+    gaussian.canonical_var_type(var_type)
+    learned = ("learned", "learned_range")
+    if own in learned:
+        raise ValueError(
+            f"the model learned its variance ({own!r}); it cannot be sampled or evaluated with "
+            f"the fixed variance {var_type!r}: leave --var-type out"
+        )
+    if var_type in learned:
+        raise ValueError(
+            f"the model was trained with the fixed variance {own!r}; it has no learned variance "
+            f"to use for {var_type!r}: pass --var-type fixed_small or fixed_large"
+        )
+    return var_type
+
+
+def check_labels(config: Config, labels, guidance_scale: float | None) -> None:
+    """A clear ValueError for labels a model cannot take (see :func:`sample_fn`)."""
+    num_classes = config.model.num_classes
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError(
+                "this model is unconditional (trained without --num-classes): it takes no class "
+                "labels; leave --class out"
+            )
+        if guidance_scale is not None:
+            raise ValueError("classifier-free guidance needs a class-conditional model")
+        return
+    if labels is None:
+        raise ValueError(
+            f"this model is class-conditional ({num_classes} classes): give the classes to "
+            f"sample (--class N, or --class all for a grid with one row per class)"
+        )
+    labels = np.asarray(labels)
+    integers = np.issubdtype(labels.dtype, np.integer)
+    if not integers or labels.min() < -1 or labels.max() >= num_classes:
+        raise ValueError(
+            f"class labels must be integers in [0, {num_classes}) (or -1, the null class), got "
+            f"{np.unique(labels).tolist()[:10]}"
+        )
+    if guidance_scale is not None and guidance_scale != 1 and config.model.cond_drop_prob == 0:
+        raise ValueError(
+            f"guidance scale {guidance_scale} needs a model trained with label dropout; this one "
+            "has cond_drop_prob 0, so its null class was never trained: use --guidance-scale 1"
+        )
+
+
+def sample_fn(
+    config: Config,
+    model,
+    num: int,
+    steps: int,
+    eta: float,
+    sampler: str,
+    *,
+    respacing: str | None = None,
+    var_type: str | None = None,
+    guidance_scale: float | None = None,
+    rescaled_phi: float = 0.0,
+):
+    """A jitted ``run(params, key, first=0, labels=None) -> [num, H, W, C]`` sampler of the
+    run's process.
+
+    The process is the trained one: its objective and variance (a learned variance, or the
+    fixed one; ``var_type`` may swap fixed_small and fixed_large), and for a continuous-time
+    model its ancestral sampler over ``steps`` steps. ``"ddim"`` runs DDIM over ``steps``
+    steps of the table (eta); ``"ddpm"`` runs ancestral sampling over the chain respaced to
+    ``steps`` steps (improved-diffusion's ``timestep_respacing="<steps>"``; all T when
+    ``steps`` = T); ``respacing`` (``"ddim50"``, ``"250"``, ``"10,15,20"``) respaces the
+    chain explicitly and either sampler then visits every step of it. A class-conditional
+    model takes ``labels`` [num] (-1: the null class; default: class j mod K for sample j),
+    with classifier-free guidance at ``guidance_scale`` (denoising-diffusion-pytorch's
+    ``cond_scale``: 1 is the conditional model, and the two halves run as one batched call)
+    and ``rescaled_phi``.
 
     Sample j of the whole set (``first`` is the index of this batch's first sample) starts from
     the noise ``normal(fold_in(key, j))``, so a deterministic sampler (DDIM with eta 0) gives
     each sample the same value in any batch size; the noise added along the way (DDPM, eta > 0)
     is drawn per batch from ``fold_in(key, -1 - first)``."""
-    c = build_coeffs(config.diffusion)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    d = config.diffusion
+    var_type = sampling_var_type(config, var_type)
     size, channels = config.data.image_size, num_channels(config.data)
-    objective = config.diffusion.objective
+    conditional = config.model.num_classes is not None
+    if guidance_scale is not None:
+        check_labels(config, np.zeros(1, np.int32) if conditional else None, guidance_scale)
+    continuous_time = d.loss == "continuous"
+    if continuous_time and respacing is not None:
+        raise ValueError("respacing is a discrete-time option; this model is continuous-time")
+    if sampler == "ddpm" and respacing is None and steps != d.timesteps:
+        respacing = str(steps)
+    c = None if continuous_time else objectives.process_coeffs(d, None, respacing)
+    learned = var_type in ("learned", "learned_range")
+    options = {"mean_type": d.objective, "var_type": var_type}
+    options["self_condition"] = config.model.self_condition
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
-    def run(params, key, first=0):
+    def run(params, key, first=0, labels=None):
         rows = jnp.asarray(first, jnp.int32) + jnp.arange(num, dtype=jnp.int32)
         x_T = jax.vmap(
             lambda j: jax.random.normal(jax.random.fold_in(key, j), (size, size, channels))
         )(rows)
 
-        def model_fn(x, t):
-            return model.apply(params, x, t)
+        def model_fn(x, t, **kwargs):
+            return model.apply(params, x, t, **kwargs)
+
+        if conditional:
+            # default: sample j of the set has class j mod K (every class equally often)
+            y = rows % config.model.num_classes if labels is None else labels
+            y = jnp.asarray(y, jnp.int32)
+            if guidance_scale is None or guidance_scale == 1:
+                fn = functools.partial(model_fn, label=y)
+            else:
+                fn = samplers.guided_model_fn(
+                    model_fn,
+                    guidance_scale,
+                    {"label": y},
+                    {"label": jnp.full_like(y, -1)},
+                    channels if learned else None,
+                    rescaled_phi=rescaled_phi,
+                    batched=True,
+                )
+        else:
+            fn = model_fn
 
         # uint32 data: -1 - first wraps to 2**32 - 1 - first, apart from every row index j
         noise_key = jax.random.fold_in(key, jnp.uint32(2**32 - 1) - jnp.uint32(first))
-        if sampler == "ddpm":
-            out = samplers.ddpm_sample(model_fn, c, x_T, key=noise_key, mean_type=objective)
-        else:
-            grid = samplers.ddim_grid(c.num_timesteps, steps)
-            out = samplers.ddim_sample(
-                model_fn, c, x_T, grid=grid, eta=eta, key=noise_key, mean_type=objective
+        if continuous_time:
+            from jaxdiff import continuous
+
+            out = continuous.continuous_sample(
+                fn,
+                x_T,
+                log_snr_fn=objectives.log_snr_fn_of(d),
+                num_steps=steps,
+                objective=d.objective,
+                key=noise_key,
             )
+        elif sampler == "ddpm":
+            out = samplers.ddpm_sample(fn, c, x_T, key=noise_key, **options)
+        else:
+            count = steps if respacing is None else c.num_timesteps
+            grid = samplers.ddim_grid(c.num_timesteps, count)
+            out = samplers.ddim_sample(fn, c, x_T, grid=grid, eta=eta, key=noise_key, **options)
         return out.sample
 
     return run
@@ -189,7 +425,7 @@ def restored(
     of the same configuration instead (step 0)."""
     config = load_config(workdir)
     model = build_model(config)
-    optimizer = train.default_optimizer(config.run.lr)
+    optimizer = build_optimizer(config)
     if at_init:
         return config, model, initial_state(config, model, optimizer, None)
     like = jax.eval_shape(lambda: initial_state(config, model, optimizer, None))
