@@ -114,12 +114,16 @@ def _export(args: argparse.Namespace) -> int:
             save(variables, out, model, overwrite=args.force)
     except (ValueError, FileExistsError) as error:
         return _fail("export", error)
-    # the reference Unet's arguments that differ from its defaults (dim is required)
-    defaults = type(model)(dim=model.dim).config()
-    kwargs = json.dumps({k: v for k, v in model.config().items() if k == "dim" or v != defaults[k]})
+    # the reference Unet's arguments that differ from its defaults (dim, num_classes required)
+    required = {k: getattr(model, k) for k in ("dim", "num_classes") if hasattr(model, k)}
+    defaults = type(model)(**required).config()
+    kwargs = json.dumps(
+        {k: v for k, v in model.config().items() if k in required or v != defaults[k]}
+    )
+    where = "classifier_free_guidance." if "num_classes" in required else ""
     print(
         f"wrote {out}: the {args.which} weights of step {int(state.step)}; "
-        f"denoising-diffusion-pytorch's Unet(**{kwargs}) loads it"
+        f"denoising-diffusion-pytorch's {where}Unet(**{kwargs}) loads it"
         if out.suffix != ".msgpack"
         else f"wrote {out}: the {args.which} weights of step {int(state.step)} (Flax params)"
     )
@@ -128,13 +132,12 @@ def _export(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from jaxdiff import convert
-    from jaxdiff.models import unet_from_config
 
     if args.dst.exists() and not args.force:
         print(f"jaxdiff convert: {args.dst} exists; pass --force to replace it", file=sys.stderr)
         return 1
     try:
-        config = unet_from_config(_config(args.config))
+        config = convert.network_from_config(_config(args.config))
         if args.to_torch:
             variables = convert.load_flax_params(args.src, config)
             save = (

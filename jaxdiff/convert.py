@@ -1,12 +1,15 @@
-"""PyTorch ``denoising_diffusion_pytorch.Unet`` weights <-> jaxdiff Flax ``Unet`` variables.
+"""PyTorch ``denoising_diffusion_pytorch.Unet`` weights <-> jaxdiff Flax ``Unet`` variables, and
+the same for the class-conditional ``denoising_diffusion_pytorch.classifier_free_guidance.Unet``
+<-> :class:`~jaxdiff.models.ClassConditionalUnet` (every function takes either configuration:
+one with ``num_classes`` is the class-conditional network).
 
-The key map is derived from the Flax parameter tree of the configured network, so every Flax
-parameter has exactly one PyTorch key and vice versa. A conversion checks both directions
-before it moves a number: a missing key, an unexpected key or a shape mismatch raises a
-``ValueError`` naming every offending key (usually the state_dict comes from a Unet with another
-configuration). Values are only transposed / reshaped and held as float32 (the network's
-parameter dtype; float16 and bfloat16 checkpoints widen exactly), never recomputed, so a round
-trip of a float32 state_dict reproduces every tensor bit for bit.
+The key map (:mod:`jaxdiff.convert_keymaps`) is derived from the Flax parameter tree of the
+configured network, so every Flax parameter has exactly one PyTorch key and vice versa. A
+conversion checks both directions before it moves a number: a missing key, an unexpected key or
+a shape mismatch raises a ``ValueError`` naming every offending key (usually the state_dict comes
+from a network with another configuration). Values are only transposed / reshaped and held as
+float32 (the network's parameter dtype; float16 and bfloat16 checkpoints widen exactly), never
+recomputed, so a round trip of a float32 state_dict reproduces every tensor bit for bit.
 
 Layouts (PyTorch -> Flax):
 
@@ -15,7 +18,9 @@ Layouts (PyTorch -> Flax):
   ``[I, O]``; ``Linear`` weight ``[O, I]`` -> ``[I, O]``;
 * RMSNorm gain ``g [1, C, 1, 1]`` -> ``scale [C]``;
 * memory key/values: full attention keeps ``[2, heads, slots, dim_head]``; linear attention's
-  ``[2, heads, dim_head, slots]`` is transposed to the same layout.
+  ``[2, heads, dim_head, slots]`` is transposed to the same layout;
+* the class-conditional network's ``classes_emb.weight [num_classes, dim]`` and
+  ``null_classes_emb [dim]`` are kept as they are.
 
 torch is imported only inside the functions that read or write ``.pt`` files. A weights file that
 cannot be read (missing, a directory, empty, truncated, junk bytes, a zip or pickle of something
@@ -25,13 +30,11 @@ else, or a ``.pt`` without torch installed) raises a one-line ``FileNotFoundErro
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +42,15 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from jaxdiff._numpy import to_numpy as _to_numpy
-from jaxdiff.models.unet import Unet, unet_from_config
+from jaxdiff.convert_keymaps import (
+    _KINDS,
+    ConfigLike,
+    KeyMapEntry,
+    Network,
+    network_from_config,
+    torch_key_map,
+)
+from jaxdiff.models.cfg_unet import ClassConditionalUnet
 
 __all__ = [
     "KeyMapEntry",
@@ -48,6 +59,7 @@ __all__ = [
     "load_flax_params",
     "load_state_dict_file",
     "load_torch_checkpoint",
+    "network_from_config",
     "save_flax_params",
     "save_state_dict_npz",
     "save_torch_checkpoint",
@@ -55,153 +67,19 @@ __all__ = [
     "torch_state_dict_to_flax",
 ]
 
-ConfigLike = Unet | Mapping[str, Any] | str
-FlaxPath = tuple[str, ...]
-
 _LIKELY_CAUSE = (
     "The weights were probably saved from a Unet with another configuration (compare dim, "
     "init_dim, out_dim, dim_mults, channels, self_condition, learned_variance, "
     "learned_sinusoidal_cond / random_fourier_features, attn_heads, attn_dim_head, full_attn)."
 )
+_CFG_LIKELY_CAUSE = (
+    "The weights were probably saved from a classifier_free_guidance.Unet with another "
+    "configuration (compare dim, num_classes, init_dim, out_dim, dim_mults, channels, "
+    "learned_variance, learned_sinusoidal_cond / random_fourier_features, attn_heads, "
+    "attn_dim_head)."
+)
+_CFG_ANCHOR = "classes_emb.weight"  # only the class-conditional network has it
 _MAX_LISTED = 12
-
-# ----------------------------------------------------------------------------------------------
-# Layout transforms: (PyTorch -> Flax, Flax -> PyTorch, Flax shape -> PyTorch shape)
-
-
-def _conv_to_flax(w):
-    return np.transpose(w, (2, 3, 1, 0))
-
-
-def _conv_to_torch(w):
-    return np.transpose(w, (3, 2, 0, 1))
-
-
-def _conv1x1_to_flax(w):
-    return w.reshape(w.shape[0], w.shape[1]).T
-
-
-def _conv1x1_to_torch(w):
-    return w.T.reshape(w.shape[1], w.shape[0], 1, 1)
-
-
-def _same(w):
-    return w
-
-
-_Transform = tuple[Callable, Callable, Callable[[tuple], tuple]]
-_KINDS: dict[str, _Transform] = {
-    "conv": (_conv_to_flax, _conv_to_torch, lambda s: (s[3], s[2], s[0], s[1])),
-    "conv1x1": (_conv1x1_to_flax, _conv1x1_to_torch, lambda s: (s[1], s[0], 1, 1)),
-    "linear": (np.transpose, np.transpose, lambda s: (s[1], s[0])),
-    "norm": (
-        lambda w: w.reshape(-1),
-        lambda w: w.reshape(1, -1, 1, 1),
-        lambda s: (1, s[0], 1, 1),
-    ),
-    "mem_linear": (
-        lambda w: np.swapaxes(w, -1, -2),
-        lambda w: np.swapaxes(w, -1, -2),
-        lambda s: (*s[:-2], s[-1], s[-2]),
-    ),
-    "same": (_same, _same, lambda s: tuple(s)),
-}
-
-# Flax module name -> PyTorch module name, at the top level and inside blocks.
-_TOP = {
-    "init_conv": "init_conv",
-    "time_fourier": "time_mlp.0",
-    "time_mlp_in": "time_mlp.1",
-    "time_mlp_out": "time_mlp.3",
-    "mid_block1": "mid_block1",
-    "mid_attn": "mid_attn",
-    "mid_block2": "mid_block2",
-    "final_res_block": "final_res_block",
-    "final_conv": "final_conv",
-}
-_STAGE = {"block1": "0", "block2": "1", "attn": "2"}
-_LEAF = {"kernel": "weight", "bias": "bias", "scale": "g", "weights": "weights", "mem_kv": "mem_kv"}
-# Flax Dense layers that are nn.Linear in PyTorch; every other Dense is a 1x1 Conv2d.
-_LINEAR_MODULES = {"time_mlp_in", "time_mlp_out", "mlp"}
-
-
-def _flax_shapes(unet: Unet) -> dict[FlaxPath, tuple[int, ...]]:
-    """Shapes of every parameter of ``unet``, from an abstract (free) initialisation."""
-    side = unet.downsample_factor
-    x = jax.ShapeDtypeStruct((1, side, side, unet.channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    variables = jax.eval_shape(unet.init, jax.random.key(0), x, t)
-    flat = traverse_util.flatten_dict(variables["params"])
-    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
-
-
-def _translate(path: FlaxPath, shape: tuple, flat: Mapping, num_stages: int) -> tuple[str, str]:
-    """The PyTorch key and layout kind of the Flax parameter at ``path``."""
-    top, *modules, leaf = path
-    if top in _TOP:
-        parts = [_TOP[top]]
-    else:
-        direction, index = top.rsplit("_", 1)  # "downs_0" -> downs.0
-        stage_module, *modules = modules
-        if stage_module in _STAGE:
-            position = _STAGE[stage_module]
-        else:
-            # down/up-sampling is a Sequential (rearrange or upsample, then the conv) except in
-            # the innermost down stage and the outermost up stage, where it is a lone 3x3 conv
-            position = "3" if int(index) == num_stages - 1 else "3.1"
-        parts = [f"{direction}.{index}", position]
-    attention = path[:-1] if leaf == "mem_kv" else path[:-2]
-    is_linear_attention = (*attention, "to_out_norm", "scale") in flat
-    for name in modules:
-        if name == "mlp":
-            parts.append("mlp.1")
-        elif name == "to_out" and is_linear_attention:
-            parts.append("to_out.0")
-        elif name == "to_out_norm":
-            parts.append("to_out.1")
-        else:
-            parts.append(name)
-    parts.append(_LEAF[leaf])
-
-    if leaf == "kernel" and len(shape) == 4:
-        kind = "conv"
-    elif leaf == "kernel":
-        kind = "linear" if path[-2] in _LINEAR_MODULES else "conv1x1"
-    elif leaf == "scale":
-        kind = "norm"
-    elif leaf == "mem_kv" and is_linear_attention:
-        kind = "mem_linear"
-    else:
-        kind = "same"
-    return ".".join(parts), kind
-
-
-class KeyMapEntry(NamedTuple):
-    flax_path: FlaxPath
-    kind: str  # the layout change, a key of _KINDS
-    torch_shape: tuple[int, ...]
-    flax_shape: tuple[int, ...]
-
-
-def torch_key_map(config: ConfigLike) -> dict[str, KeyMapEntry]:
-    """``{torch_key: KeyMapEntry}`` for the configured Unet: a bijection onto its Flax tree."""
-    unet = unet_from_config(config)
-    return dict(_key_map(json.dumps(unet.config(), sort_keys=True)))
-
-
-@functools.lru_cache(maxsize=32)
-def _key_map(config_json: str) -> tuple[tuple[str, KeyMapEntry], ...]:
-    unet = unet_from_config(json.loads(config_json))
-    flat = _flax_shapes(unet)
-    num_stages = len(unet.dim_mults)
-    table: dict[str, KeyMapEntry] = {}
-    for path, shape in flat.items():
-        key, kind = _translate(path, shape, flat, num_stages)
-        if key in table:
-            raise AssertionError(f"two Flax parameters map to {key}: {table[key][0]}, {path}")
-        table[key] = KeyMapEntry(path, kind, _KINDS[kind][2](shape), shape)
-    return tuple(table.items())
-
 
 # ----------------------------------------------------------------------------------------------
 # Checks
@@ -225,20 +103,43 @@ def _common_prefix_hint(keys) -> str:
     return ""
 
 
-def _check_keys(have, expected, what: str) -> None:
+def _architecture_hint(have, net: Network) -> str:
+    """Where a state_dict is of the other architecture, say so and how to convert it."""
+    conditional = _CFG_ANCHOR in set(have)
+    if conditional and not isinstance(net, ClassConditionalUnet):
+        return (
+            f" The state_dict has {_CFG_ANCHOR}: it is a classifier_free_guidance.Unet's; pass "
+            "its configuration with num_classes (a ClassConditionalUnet)."
+        )
+    if not conditional and isinstance(net, ClassConditionalUnet) and "init_conv.weight" in have:
+        return (
+            f" The state_dict has no {_CFG_ANCHOR}: it looks like a (lucid) Unet's, not a "
+            "classifier_free_guidance.Unet's; pass its configuration without num_classes."
+        )
+    return ""
+
+
+def _check_keys(have, expected, what: str, net: Network) -> None:
     missing = set(expected) - set(have)
     unexpected = set(have) - set(expected)
     if not (missing or unexpected):
         return
-    lines = [f"{what} does not match the Unet configuration."]
+    conditional = isinstance(net, ClassConditionalUnet)
+    lines = [f"{what} does not match the {type(net).__name__} configuration."]
     if missing:
         lines.append(f"Missing {len(missing)} key(s): {_listed(missing)}.")
     if unexpected:
         lines.append(f"Unexpected {len(unexpected)} key(s): {_listed(unexpected)}.")
-    raise ValueError(" ".join(lines) + " " + _LIKELY_CAUSE + _common_prefix_hint(unexpected))
+    raise ValueError(
+        " ".join(lines)
+        + " "
+        + (_CFG_LIKELY_CAUSE if conditional else _LIKELY_CAUSE)
+        + _common_prefix_hint(unexpected)
+        + _architecture_hint(have, net)
+    )
 
 
-def _check_shapes(pairs, what: str) -> None:
+def _check_shapes(pairs, what: str, net: Network) -> None:
     bad = [
         f"{k}: got {tuple(got)}, expected {tuple(want)}" for k, got, want in pairs if got != want
     ]
@@ -247,7 +148,7 @@ def _check_shapes(pairs, what: str) -> None:
             f"{what}: {len(bad)} shape mismatch(es): {'; '.join(bad[:_MAX_LISTED])}"
             + (f"; ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else "")
             + ". "
-            + _LIKELY_CAUSE
+            + (_CFG_LIKELY_CAUSE if isinstance(net, ClassConditionalUnet) else _LIKELY_CAUSE)
         )
 
 
@@ -262,27 +163,32 @@ def _unwrap_params(variables: Mapping) -> Mapping:
 
 
 def torch_state_dict_to_flax(state_dict: Mapping[str, Any], config: ConfigLike) -> dict:
-    """Flax variables ``{"params": ...}`` of ``Unet`` from the reference ``Unet.state_dict()``.
+    """Flax variables ``{"params": ...}`` of ``Unet`` from the reference ``Unet.state_dict()``
+    (or of ``ClassConditionalUnet`` from the ``classifier_free_guidance.Unet``'s).
 
     Args:
-      state_dict: ``{key: array}`` keyed exactly as ``denoising_diffusion_pytorch.Unet``'s
-        ``state_dict()`` (numpy arrays or torch tensors). Strip wrapper prefixes first
+      state_dict: ``{key: array}`` keyed exactly as the reference network's ``state_dict()``
+        (numpy arrays or torch tensors). Strip wrapper prefixes first
         (:func:`extract_unet_state_dict`).
-      config: the network: a :class:`~jaxdiff.models.Unet`, a dict of its (the reference's)
-        constructor arguments, a JSON string or a preset name.
+      config: the network: a :class:`~jaxdiff.models.Unet` or
+        :class:`~jaxdiff.models.ClassConditionalUnet`, a dict of its (the reference's)
+        constructor arguments (with ``num_classes`` for the class-conditional one), a JSON
+        string or a preset name.
 
     Returns:
-      ``{"params": tree}`` of float32 arrays, ready for ``Unet.apply``.
+      ``{"params": tree}`` of float32 arrays, ready for the network's ``apply``.
 
     Raises:
       ValueError: naming every missing, unexpected or mis-shaped key.
     """
-    table = torch_key_map(config)
-    _check_keys(state_dict.keys(), table.keys(), "The PyTorch state_dict")
+    net = network_from_config(config)
+    table = torch_key_map(net)
+    _check_keys(state_dict.keys(), table.keys(), "The PyTorch state_dict", net)
     arrays = {k: _to_numpy(v) for k, v in state_dict.items()}
     _check_shapes(
         ((k, arrays[k].shape, table[k].torch_shape) for k in sorted(table)),
         "The PyTorch state_dict",
+        net,
     )
     flat = {}
     for key, e in table.items():
@@ -291,12 +197,13 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], config: ConfigLike) 
     return {"params": traverse_util.unflatten_dict(flat)}
 
 
-def _checked_flax_arrays(variables: Mapping, table: Mapping[str, KeyMapEntry]) -> dict:
+def _checked_flax_arrays(variables: Mapping, net: Network) -> dict:
     """``{torch_key: numpy array}`` of a Flax tree, after checking its paths and shapes."""
+    table = torch_key_map(net)
     flat = traverse_util.flatten_dict(dict(_unwrap_params(variables)))
     named = {"/".join(path): value for path, value in flat.items()}
     expected = {"/".join(e.flax_path): key for key, e in table.items()}
-    _check_keys(named.keys(), expected.keys(), "The Flax parameter tree")
+    _check_keys(named.keys(), expected.keys(), "The Flax parameter tree", net)
     arrays = {expected[name]: np.asarray(value) for name, value in named.items()}
     _check_shapes(
         (
@@ -304,6 +211,7 @@ def _checked_flax_arrays(variables: Mapping, table: Mapping[str, KeyMapEntry]) -
             for key, e in sorted(table.items())
         ),
         "The Flax parameter tree",
+        net,
     )
     return arrays
 
@@ -311,15 +219,16 @@ def _checked_flax_arrays(variables: Mapping, table: Mapping[str, KeyMapEntry]) -
 def flax_to_torch_state_dict(variables: Mapping, config: ConfigLike) -> dict[str, np.ndarray]:
     """The reference ``Unet.state_dict()`` (as float32 numpy arrays) from Flax variables.
 
-    The inverse of :func:`torch_state_dict_to_flax`, exact. ``variables`` is ``{"params": tree}``
-    or the bare tree. Load into PyTorch with
+    The inverse of :func:`torch_state_dict_to_flax`, exact, for either network. ``variables``
+    is ``{"params": tree}`` or the bare tree. Load into PyTorch with
     ``unet.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
 
     Raises:
       ValueError: naming every missing, unexpected or mis-shaped parameter.
     """
-    table = torch_key_map(config)
-    arrays = _checked_flax_arrays(variables, table)
+    net = network_from_config(config)
+    table = torch_key_map(net)
+    arrays = _checked_flax_arrays(variables, net)
     return {
         key: np.array(_KINDS[e.kind][1](arrays[key]), dtype=np.float32, order="C", copy=True)
         for key, e in table.items()
@@ -557,8 +466,9 @@ def load_flax_params(path: str | os.PathLike, config: ConfigLike) -> dict:
         raise _corrupt(path, _MSGPACK_EXPECTED, error) from None
     if not isinstance(restored, Mapping):
         raise _corrupt(path, _MSGPACK_EXPECTED, f"it holds a {type(restored).__name__}")
-    table = torch_key_map(config)
-    arrays = _checked_flax_arrays(restored, table)
+    net = network_from_config(config)
+    table = torch_key_map(net)
+    arrays = _checked_flax_arrays(restored, net)
     flat = {e.flax_path: jnp.asarray(arrays[key]) for key, e in table.items()}
     return {"params": traverse_util.unflatten_dict(flat)}
 

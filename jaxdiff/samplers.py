@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import gaussian
+from jaxdiff import gaussian, guidance
 from jaxdiff.gaussian import DiffusionCoeffs
 
 __all__ = [
@@ -132,37 +132,30 @@ def guided_model_fn(
     channels: int | None = None,
     *,
     rescaled_phi: float = 0.0,
+    remove_parallel_component: bool = False,
     batched: bool = False,
 ) -> Callable[..., jnp.ndarray]:
-    r"""Classifier-free guidance (Ho & Salimans 2022): out = u + scale * (c - u).
+    """Classifier-free guidance (Ho & Salimans 2022): out = u + scale * (c - u).
 
     ``c`` and ``u`` are the outputs with ``cond_kwargs`` and ``uncond_kwargs`` (for jaxdiff's
-    class-conditional Unet ``{"label": y}`` and ``{"label": -1 everywhere}``, the null class).
-    With a learned variance pass ``channels`` = C: only the first C (mean) channels are guided,
-    the variance channels come from the conditional output. ``rescaled_phi`` = phi > 0 blends
-    in the guided output rescaled to the conditional output's standard deviation per example
-    (Lin et al. 2023, Common Diffusion Noise Schedules, Alg. 2; denoising-diffusion-pytorch's
-    ``forward_with_cond_scale``, with torch's unbiased std):
-
-    .. math:: g = u + s (c - u),\quad
-        \mathrm{out} = \phi\, g\, \sigma(c) / \sigma(g) + (1 - \phi)\, g
-
-    ``batched`` evaluates both in one network call on the doubled batch (x, the time and every
-    keyword argument concatenated along axis 0; cond and uncond kwargs need the same keys).
+    class-conditional Unet ``{"label": y}`` and ``{"label": -1 everywhere}``, the null class),
+    mixed by :func:`jaxdiff.guidance.guided_output`: ``rescaled_phi`` blends in the output
+    rescaled to the conditional one's standard deviation, ``remove_parallel_component`` drops
+    the part of ``c - u`` parallel to ``c`` (denoising-diffusion-pytorch's
+    ``forward_with_cond_scale`` does both, the removal by default). With a learned variance
+    pass ``channels`` = C: only the first C (mean) channels are guided, the variance channels
+    come from the conditional output. ``batched`` evaluates both in one network call on the
+    doubled batch (x, the time and every keyword argument concatenated along axis 0; cond and
+    uncond kwargs need the same keys).
     """
 
     def mix(cond, uncond):
-        guided = uncond + scale * (cond - uncond)
-        if channels is not None:
-            guided, cond_mean = guided[..., :channels], cond[..., :channels]
-        else:
-            cond_mean = cond
-        if rescaled_phi:
-            axes = tuple(range(1, guided.ndim))
-            ratio = jnp.std(cond_mean, axis=axes, keepdims=True, ddof=1) / jnp.std(
-                guided, axis=axes, keepdims=True, ddof=1
-            )
-            guided = rescaled_phi * guided * ratio + (1.0 - rescaled_phi) * guided
+        c, u = (
+            (cond, uncond) if channels is None else (cond[..., :channels], uncond[..., :channels])
+        )
+        guided = guidance.guided_output(
+            c, u, scale, rescaled_phi, remove_parallel_component=remove_parallel_component
+        )
         if channels is None:
             return guided
         return jnp.concatenate([guided, cond[..., channels:]], axis=-1)

@@ -311,6 +311,7 @@ def sample_fn(
     var_type: str | None = None,
     guidance_scale: float | None = None,
     rescaled_phi: float = 0.0,
+    remove_parallel_component: bool = True,
 ):
     """A jitted ``run(params, key, first=0, labels=None) -> [num, H, W, C]`` sampler of the
     run's process.
@@ -325,7 +326,8 @@ def sample_fn(
     model takes ``labels`` [num] (-1: the null class; default: class j mod K for sample j),
     with classifier-free guidance at ``guidance_scale`` (denoising-diffusion-pytorch's
     ``cond_scale``: 1 is the conditional model, and the two halves run as one batched call)
-    and ``rescaled_phi``.
+    and ``rescaled_phi``; ``remove_parallel_component`` (the reference's default) drops the
+    part of the guidance update parallel to the conditional output.
 
     Sample j of the whole set (``first`` is the index of this batch's first sample) starts from
     the noise ``normal(fold_in(key, j))``, so a deterministic sampler (DDIM with eta 0) gives
@@ -373,6 +375,7 @@ def sample_fn(
                     {"label": jnp.full_like(y, -1)},
                     channels if learned else None,
                     rescaled_phi=rescaled_phi,
+                    remove_parallel_component=remove_parallel_component,
                     batched=True,
                 )
         else:

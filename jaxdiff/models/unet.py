@@ -23,7 +23,9 @@ attention, so it is accepted and changes nothing here.
 
 Weights are initialised with PyTorch's defaults (uniform in +-1/sqrt(fan_in) for kernels and
 biases, N(0, 1) for memory slots and Fourier weights, ones for norm gains), so a network trained
-from scratch starts from the same distribution as the reference.
+from scratch starts from the same distribution as the reference. The layers are in
+:mod:`jaxdiff.models.layers` and :mod:`jaxdiff.models.attention`, shared with the
+class-conditional network (:mod:`jaxdiff.models.cfg_unet`).
 
 Reference: Ho et al. 2020 (the U-Net of DDPM, Appendix B); lucidrains/denoising-diffusion-pytorch.
 """
@@ -31,7 +33,6 @@ Reference: Ho et al. 2020 (the U-Net of DDPM, Appendix B); lucidrains/denoising-
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -39,7 +40,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["PRESETS", "StageSpec", "Unet", "sinusoidal_embedding", "unet_from_config"]
+# Attention, LinearAttention and RMSNorm are re-exported: tests and experiments/profile_unet.py
+# reach them through this module.
+from jaxdiff.models.attention import Attention, LinearAttention
+from jaxdiff.models.layers import (
+    FourierEmbedding,
+    RMSNorm,
+    _apply_dtype,
+    _compute_dtype,
+    _conv,
+    _dense,
+    _is_int,
+    _resnet_block,
+    sinusoidal_embedding,
+    space_to_depth,
+    upsample_nearest,
+)
+
+__all__ = [
+    "PRESETS",
+    "Attention",
+    "LinearAttention",
+    "RMSNorm",
+    "StageSpec",
+    "Unet",
+    "sinusoidal_embedding",
+    "unet_from_config",
+]
 
 # The reference's option names, in its constructor's order, plus jaxdiff's ``num_mem_kv`` (the
 # reference hard-codes 4 memory key/value slots per attention layer).
@@ -73,8 +100,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 8, "dim_mults": (1, 2), "attn_heads": 2, "attn_dim_head": 4},
 }
 
-_NORM_EPS = 1e-12  # F.normalize's floor on the L2 norm
-
 
 class StageSpec(NamedTuple):
     """One resolution of the down path (the up path visits them in reverse)."""
@@ -87,301 +112,7 @@ class StageSpec(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Initialisers and layers
-
-
-def _torch_kernel_init():
-    """PyTorch's default Conv/Linear weight init, kaiming_uniform(a=sqrt(5)).
-
-    That is U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in).
-    """
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def _torch_bias_init(fan_in: int):
-    """PyTorch's default Conv/Linear bias init: U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def _dense(features: int, fan_in: int, name: str, dtype: Any = None) -> nn.Dense:
-    """A Linear layer, or a 1x1 convolution on channels-last input, computing in ``dtype``
-    (the Unet passes its compute dtype; Flax casts the parameters to it)."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        kernel_init=_torch_kernel_init(),
-        bias_init=_torch_bias_init(fan_in),
-        name=name,
-    )
-
-
-def _conv(features: int, size: int, fan_in_channels: int, name: str, dtype: Any = None) -> nn.Conv:
-    """A stride-1 ``size x size`` convolution with the reference's symmetric zero padding."""
-    pad = size // 2
-    return nn.Conv(
-        features,
-        (size, size),
-        dtype=dtype,
-        padding=((pad, pad), (pad, pad)),
-        kernel_init=_torch_kernel_init(),
-        bias_init=_torch_bias_init(fan_in_channels * size * size),
-        name=name,
-    )
-
-
-def _channels_last(v: jax.Array, ndim: int) -> jax.Array:
-    """Reshape a per-channel vector [C] to [1, ..., 1, C] (explicit, for rank promotion 'raise')."""
-    return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
-
-
-class RMSNorm(nn.Module):
-    """``x / max(||x||_2, 1e-12) * g * sqrt(C)``, the norm over the channel axis (last).
-
-    The reference's ``RMSNorm``: an L2 normalisation (``F.normalize``) times a learned gain and
-    sqrt(C); no mean is subtracted and there is no epsilon inside the square root. Computed in
-    float32 whatever the dtype of the input and of the gain (bfloat16 params included), and
-    returned in the input's dtype.
-    """
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        g = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-        g = g.astype(jnp.float32)
-        xf = x.astype(jnp.float32)
-        norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
-        y = xf / jnp.maximum(norm, _NORM_EPS) * _channels_last(g, x.ndim) * math.sqrt(channels)
-        return y.astype(x.dtype)
-
-
-def sinusoidal_embedding(time: jax.Array, dim: int, theta: float = 10000.0) -> jax.Array:
-    """Sinusoidal time embedding of the reference (``SinusoidalPosEmb``), float32 [B, dim].
-
-    .. math::
-        f_j = \\exp(-j \\ln\\theta / (h - 1)),\\ j = 0..h-1,\\ h = dim / 2;\\quad
-        e(t) = [\\sin(t f), \\cos(t f)]
-
-    Note the ``h - 1`` denominator (most implementations use ``h``) and sin before cos.
-    """
-    half = dim // 2
-    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * (-math.log(theta) / (half - 1)))
-    args = time.astype(jnp.float32)[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-
-
-class FourierEmbedding(nn.Module):
-    """Random or learned Fourier features of t: ``[t, sin(2 pi t w), cos(2 pi t w)]``.
-
-    ``w ~ N(0, 1)`` of size dim / 2 (Crowson's v-diffusion; VDM). With ``is_random`` the weights
-    are fixed: they stay a parameter (the reference keeps them in its state_dict) but receive no
-    gradient.
-    """
-
-    dim: int
-    is_random: bool
-
-    @nn.compact
-    def __call__(self, time: jax.Array) -> jax.Array:
-        w = self.param("weights", nn.initializers.normal(1.0), (self.dim // 2,), jnp.float32)
-        w = w.astype(jnp.float32)  # float32 features whatever the params' dtype
-        if self.is_random:
-            w = jax.lax.stop_gradient(w)
-        t = time.astype(jnp.float32)[:, None]
-        # the reference's left-to-right order, ((t * w) * 2) * pi, for bitwise-equal arguments
-        freqs = t * w[None, :] * 2.0 * math.pi
-        return jnp.concatenate([t, jnp.sin(freqs), jnp.cos(freqs)], axis=-1)
-
-
-class Block(nn.Module):
-    """conv3x3 -> RMSNorm -> optional ``x * (scale + 1) + shift`` -> SiLU -> dropout."""
-
-    features: int
-    dropout: float = 0.0
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, scale_shift=None, *, train: bool = False):
-        x = _conv(self.features, 3, x.shape[-1], "proj", self.dtype)(x)
-        x = RMSNorm(name="norm")(x)
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = x * (scale + 1.0) + shift
-        x = nn.silu(x)
-        if self.dropout > 0.0:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return x
-
-
-class ResnetBlock(nn.Module):
-    """Two Blocks, the first modulated by the time embedding, plus a (1x1-projected) shortcut.
-
-    ``(scale, shift) = split(Dense(SiLU(t_emb)))``, scale first; dropout only in the first Block.
-    ``train`` is positional so that :func:`flax.linen.remat` can treat it as static.
-    """
-
-    features: int
-    dropout: float = 0.0
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x, t_emb, train: bool = False):
-        ss = _dense(2 * self.features, t_emb.shape[-1], "mlp", self.dtype)(nn.silu(t_emb))
-        ss = ss[:, None, None, :]
-        scale_shift = (ss[..., : self.features], ss[..., self.features :])
-        h = Block(self.features, self.dropout, self.dtype, name="block1")(
-            x, scale_shift, train=train
-        )
-        h = Block(self.features, dtype=self.dtype, name="block2")(h)
-        if x.shape[-1] != self.features:
-            x = _dense(self.features, x.shape[-1], "res_conv", self.dtype)(x)
-        return h + x
-
-
-def _resnet_block(remat: bool):
-    """ResnetBlock, or its rematerialised version (activations recomputed in the backward
-    pass instead of stored)."""
-    return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
-
-
-class _Params(nn.Module):
-    """A layer's parameters without its computation: ``(kernel [fan_in, features], bias)``.
-
-    Named and initialised like the ``nn.Dense`` it stands for (bias only with ``use_bias``), so
-    checkpoints and :mod:`jaxdiff.convert` see the same tree; the attention layers below apply
-    the kernels in per-head pieces.
-    """
-
-    fan_in: int
-    features: int
-    use_bias: bool = True
-
-    @nn.compact
-    def __call__(self):
-        kernel = self.param(
-            "kernel", _torch_kernel_init(), (self.fan_in, self.features), jnp.float32
-        )
-        if not self.use_bias:
-            return kernel, None
-        return kernel, self.param("bias", _torch_bias_init(self.fan_in), (self.features,))
-
-
-class _AttentionBase(nn.Module):
-    """Shared parts of the two attention layers, computed head by head.
-
-    XLA on CPU turns every [B, N, heads, d] <-> [B, heads, N, d] transposition, and the
-    gradient of every slice of a wide projection, into a copy of the whole activation; at 32x32
-    those copies cost more than the attention's arithmetic. So every head gets its own
-    [B, N, d] projections from a column block of the (unchanged) ``to_qkv`` kernel, and each
-    per-head product is a plain batched matmul. ``cifar-small``, batch 16, forward + backward
-    on 2 CPU cores: 505 -> 470 ms; the attention layers alone now run faster than PyTorch's
-    (see BENCHMARKS.md).
-    """
-
-    heads: int
-    dim_head: int
-    num_mem_kv: int
-    dtype: Any = None
-
-    def _setup(self, x):
-        """Pre-norm; return the normalised [B, N, C] input, the to_qkv kernel and the memory
-        key/values [2, heads, M, d]."""
-        b, hh, ww, c = x.shape
-        x = RMSNorm(name="norm")(x).reshape(b, hh * ww, c)
-        kernel, _ = _Params(c, 3 * self.heads * self.dim_head, False, name="to_qkv")()
-        mem = self.param(
-            "mem_kv",
-            nn.initializers.normal(1.0),
-            (2, self.heads, self.num_mem_kv, self.dim_head),
-            jnp.float32,
-        )
-        return x, kernel.astype(x.dtype), mem.astype(x.dtype)
-
-    def _project(self, x, kernel, which: int, head: int):
-        """q (which=0), k (1) or v (2) of one head: [B, N, d]."""
-        start = (which * self.heads + head) * self.dim_head
-        return jnp.dot(x, kernel[:, start : start + self.dim_head])
-
-
-class LinearAttention(_AttentionBase):
-    """Linear attention (Shen et al. 2021, "Efficient Attention") with memory key/values.
-
-    .. math::
-        q \\leftarrow \\mathrm{softmax}_d(q) / \\sqrt{d},\\quad
-        k \\leftarrow \\mathrm{softmax}_n(k),\\quad
-        \\mathrm{out}_{n e} = \\sum_d q_{n d} \\sum_m k_{m d} v_{m e}
-
-    followed by a 1x1 convolution and an RMSNorm. The residual is added by the caller.
-
-    Computed as ``out = q_all @ W`` with ``W[b] = concat_h(context_h[b] @ to_out_h)``, a
-    [heads * d, C] matrix per image: the per-head outputs are never formed, and the softmax of
-    q over d works on a free [B, N, heads, d] view of one projection.
-    """
-
-    @nn.compact
-    def __call__(self, x):
-        b, hh, ww, c = x.shape
-        hidden = self.heads * self.dim_head
-        x, kernel, mem = self._setup(x)
-        out_kernel, out_bias = _Params(hidden, c, name="to_out")()
-        out_kernel, out_bias = out_kernel.astype(x.dtype), out_bias.astype(x.dtype)
-        q = jnp.dot(x, kernel[:, :hidden]).reshape(b, hh * ww, self.heads, self.dim_head)
-        q = jax.nn.softmax(q.astype(jnp.float32), axis=-1) * self.dim_head**-0.5
-        q = q.astype(x.dtype).reshape(b, hh * ww, hidden)
-        mixed = []
-        for h in range(self.heads):
-            k = self._project(x, kernel, 1, h).astype(jnp.float32)
-            v = self._project(x, kernel, 2, h)
-            # softmax of k over the memory slots and the N pixels together, without
-            # concatenating them: shared maximum, one normaliser. With num_mem_kv = 0 it is
-            # the softmax over the pixels alone (the reference concatenates zero slots).
-            peak = jnp.max(k, axis=1, keepdims=True)  # [B, 1, d]
-            if self.num_mem_kv:
-                mem_k, mem_v = mem[0, h].astype(jnp.float32), mem[1, h]  # [M, d]
-                peak = jnp.maximum(peak, jnp.max(mem_k, axis=0)[None, None])
-            weight = jnp.exp(k - peak)
-            total = jnp.sum(weight, axis=1)  # [B, d]
-            context = jnp.einsum("bnd,bne->bde", weight.astype(v.dtype), v)
-            if self.num_mem_kv:
-                mem_weight = jnp.exp(mem_k[None] - peak)  # [B, M, d]
-                total = total + jnp.sum(mem_weight, axis=1)
-                context = context + jnp.einsum("bmd,me->bde", mem_weight.astype(v.dtype), mem_v)
-            context = (context.astype(jnp.float32) / total[:, :, None]).astype(x.dtype)
-            rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
-            mixed.append(jnp.einsum("bde,ec->bdc", context, rows))
-        out = jnp.einsum("bni,bic->bnc", q, jnp.concatenate(mixed, axis=1))
-        out = (out + out_bias[None, None]).reshape(b, hh, ww, c)
-        return RMSNorm(name="to_out_norm")(out)
-
-
-class Attention(_AttentionBase):
-    """Multi-head softmax attention over all pixels, with memory key/values.
-
-    ``softmax(q k^T / sqrt(d)) v`` then a 1x1 convolution; the residual is added by the caller.
-    """
-
-    @nn.compact
-    def __call__(self, x):
-        b, hh, ww, c = x.shape
-        x, kernel, mem = self._setup(x)
-        out_kernel, out_bias = _Params(self.heads * self.dim_head, c, name="to_out")()
-        out_kernel, out_bias = out_kernel.astype(x.dtype), out_bias.astype(x.dtype)
-        out = out_bias[None, None]
-        for h in range(self.heads):
-            q = self._project(x, kernel, 0, h) * self.dim_head**-0.5
-            k = self._project(x, kernel, 1, h)
-            v = self._project(x, kernel, 2, h)
-            k = jnp.concatenate([jnp.broadcast_to(mem[0, h], (b, *mem.shape[2:])), k], axis=1)
-            v = jnp.concatenate([jnp.broadcast_to(mem[1, h], (b, *mem.shape[2:])), v], axis=1)
-            logits = jnp.einsum("bnd,bmd->bnm", q, k).astype(jnp.float32)
-            weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-            rows = out_kernel[h * self.dim_head : (h + 1) * self.dim_head]
-            out = out + jnp.dot(jnp.einsum("bnm,bmd->bnd", weights, v), rows)
-        return out.reshape(b, hh, ww, c)
+# Stages
 
 
 def _attention(spec: StageSpec, num_mem_kv: int, dtype: Any, remat: bool, name: str = "attn"):
@@ -389,24 +120,6 @@ def _attention(spec: StageSpec, num_mem_kv: int, dtype: Any, remat: bool, name: 
     cls = Attention if spec.full_attn else LinearAttention
     cls = nn.remat(cls) if remat else cls
     return cls(spec.heads, spec.dim_head, num_mem_kv, dtype, name=name)
-
-
-def space_to_depth(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, H/2, W/2, 4C] with channel index ``c * 4 + p1 * 2 + p2``.
-
-    The reference's ``Rearrange('b c (h p1) (w p2) -> b (c p1 p2) h w')``, so a down-sampling
-    kernel converts from PyTorch by transposition alone.
-    """
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    return jnp.transpose(x, (0, 1, 3, 5, 2, 4)).reshape(b, h // 2, w // 2, 4 * c)
-
-
-def upsample_nearest(x: jax.Array) -> jax.Array:
-    """Nearest-neighbour x2 up-sampling of [B, H, W, C]."""
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    return x.reshape(b, 2 * h, 2 * w, c)
 
 
 class _Stage(nn.Module):
@@ -469,10 +182,6 @@ def _per_stage(value, name: str, num_stages: int) -> tuple:
             )
         return tuple(value)
     return (value,) * num_stages
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Unet(nn.Module):
@@ -595,17 +304,7 @@ class Unet(nn.Module):
     @property
     def compute_dtype(self) -> jnp.dtype:
         """The computation dtype with float32 parameters (``dtype``, float32 when None)."""
-        if self.dtype is None:
-            return jnp.dtype(jnp.float32)
-        try:
-            dtype = jnp.dtype(self.dtype)
-        except TypeError:
-            dtype = None
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"dtype must be None or a floating dtype such as 'bfloat16', got {self.dtype!r}"
-            )
-        return dtype
+        return _compute_dtype(self.dtype)
 
     # ------------------------------------------------------------------ derived configuration
 
@@ -673,14 +372,7 @@ class Unet(nn.Module):
     def _apply_dtype(self) -> jnp.dtype:
         """``dtype`` when set; else the one floating dtype of the parameters being applied
         (float32 at init, when there are none, or when they mix dtypes)."""
-        if self.dtype is not None:
-            return self.compute_dtype
-        dtypes = {
-            leaf.dtype
-            for leaf in jax.tree.leaves(self.variables.get("params", {}))
-            if jnp.issubdtype(leaf.dtype, jnp.floating)
-        }
-        return dtypes.pop() if len(dtypes) == 1 else jnp.dtype(jnp.float32)
+        return _apply_dtype(self.dtype, self.variables)
 
     def _check_inputs(self, x, time, x_self_cond):
         if x.ndim != 4:

@@ -131,9 +131,10 @@ def test_sampling_and_bpd_refuse_what_the_model_was_not_trained_for(tmp_path):
     _train(learned, 2, RECIPES["hybrid"])
     _train(cond, 2, ["--num-classes", "10", "--cond-drop-prob", "0"])
     out = tmp_path / "nothing"
+    learned_its = "learned its variance"
     cases = [
-        (["sample", "--workdir", str(learned), "--var-type", "fixed_small"], "learned its variance"),
-        (["bpd", "--workdir", str(learned), "--var-type", "fixed_large"], "learned its variance"),
+        (["sample", "--workdir", str(learned), "--var-type", "fixed_small"], learned_its),
+        (["bpd", "--workdir", str(learned), "--var-type", "fixed_large"], learned_its),
         (["sample", "--workdir", str(learned), "--class", "3"], "unconditional"),
         (["sample", "--workdir", str(cond)], "class-conditional (10 classes)"),
         (["sample", "--workdir", str(cond), "--class", "10"], "in [0, 10)"),

@@ -95,7 +95,9 @@ def test_quartile_losses_average_the_examples_of_each_quarter_of_the_timesteps()
 
 def test_batched_guidance_equals_two_calls_and_the_reference_formula():
     def model_fn(x, time, label):
-        return x * (label[:, None, None, None].astype(x.dtype) + 2.0) + time[:, None, None, None] / 100
+        return (
+            x * (label[:, None, None, None].astype(x.dtype) + 2.0) + time[:, None, None, None] / 100
+        )
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((3, 4, 4, 2)), jnp.float32)
@@ -116,6 +118,14 @@ def test_batched_guidance_equals_two_calls_and_the_reference_formula():
             std = lambda a: a.reshape(3, -1).std(axis=1, ddof=1)[:, None, None, None]  # noqa: E731
             g = phi * g * std(c) / std(g) + (1 - phi) * g
         np.testing.assert_allclose(np.asarray(one), g, rtol=1e-5, atol=1e-5)
+    # the reference's default removes the update's part parallel to c: guidance.guided_output
+    removed = samplers.guided_model_fn(
+        model_fn, 3.0, {"label": y}, {"label": null}, remove_parallel_component=True, batched=True
+    )(x, time)
+    from jaxdiff import guidance
+
+    want = guidance.guided_output(c, u, 3.0, remove_parallel_component=True)
+    np.testing.assert_allclose(np.asarray(removed), np.asarray(want), rtol=1e-5, atol=1e-5)
     # learned variance: only the mean channels are guided
     out = samplers.guided_model_fn(
         model_fn, 3.0, {"label": y}, {"label": null}, channels=1, batched=True

@@ -7,7 +7,16 @@ import sys
 
 import pytest
 
-CORE = ["schedules", "gaussian", "likelihood", "losses", "continuous", "samplers", "metrics"]
+CORE = [
+    "schedules",
+    "gaussian",
+    "likelihood",
+    "losses",
+    "continuous",
+    "samplers",
+    "guidance",
+    "metrics",
+]
 ALLOWED_THIRD_PARTY = {"jax", "jaxlib", "numpy", "scipy", "einops", "chex", "jaxdiff"}
 FORBIDDEN = ("flax", "optax", "orbax", "torch", "PIL", "tqdm")
 PKG = pathlib.Path(__file__).resolve().parents[2] / "jaxdiff"
