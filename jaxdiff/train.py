@@ -47,6 +47,7 @@ __all__ = [
     "ema_pytorch_decay",
     "ema_update",
     "make_mesh",
+    "make_step_fn",
     "make_train_step",
     "nonfinite_leaves",
     "replicate",
@@ -250,7 +251,7 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema_params=params,
-        opt_state=optimizer.init(params),
+        opt_state=_init_optimizer(optimizer, params),
         key=_raw_key(jnp.asarray(key)),
         loss_state=loss_state,
     )
@@ -258,6 +259,12 @@ def create_train_state(
     # ema_params start equal), and the caller's arrays must survive the first step.
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
     return state if mesh is None else replicate(state, mesh)
+
+
+def _init_optimizer(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    # an optax schedule mixes Python floats with the int32 step count (see make_train_step)
+    with jax.numpy_dtype_promotion("standard"):
+        return optimizer.init(params)
 
 
 def _cast_floating(tree: Any, dtype) -> Any:
@@ -304,7 +311,7 @@ def _micro_batches(x: jax.Array, num: int, mesh: Mesh | None) -> jax.Array:
     return split
 
 
-def make_train_step(
+def make_step_fn(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
@@ -312,67 +319,21 @@ def make_train_step(
     grad_accum_steps: int = 1,
     compute_dtype: Any = None,
     mesh: Mesh | None = None,
-    donate: bool = True,
-    compiler_options: str | Mapping[str, Any] | None = "auto",
-    steps_per_call: int = 1,
     skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
+    """The un-jitted ``step_fn(state, batch) -> (state, metrics)`` that :func:`make_train_step`
+    compiles: one step as documented there, its arguments the same.
 
-    One step, with k = ``fold_in(state.key, state.step)``:
-
-    .. math:: g = \\frac{1}{A} \\sum_{i<A} \\nabla_\\theta L(\\theta, b_i,
-        \\mathrm{fold\\_in}(k, i)),\\quad \\theta' = \\theta + \\mathrm{opt}(g),\\quad
-        \\bar\\theta' = \\bar\\theta + (1 - d(s)) (\\theta' - \\bar\\theta)
-
-    with A = ``grad_accum_steps`` micro-batches ``b_i = batch[i::A]`` scanned with
-    ``lax.scan`` (their mean gradient equals the whole batch's for a loss that is a batch
-    mean), d the EMA decay of the step.
-
-    Args:
-      loss_fn: ``loss_fn(params, batch, key) -> (loss, aux)``, ``loss`` a scalar and ``aux`` a
-        dict of scalar metrics (averaged over micro-batches). When the state carries a
-        ``loss_state`` the call is ``loss_fn(params, batch, key, loss_state)`` and
-        ``aux["loss_state"]`` must hold its new value (threaded through the micro-batches).
-      optimizer: an optax transformation (see :func:`default_optimizer`).
-      ema: None for ema-pytorch's schedule (:func:`ema_pytorch_decay`), a float for a
-        constant decay, or any ``decay(step)`` function.
-      grad_accum_steps: A >= 1.
-      compute_dtype: e.g. ``jnp.bfloat16``: the loss sees the floating params cast to it
-        (:func:`diffusion_loss_fn` then also casts the network input); gradients, params and
-        optimiser state stay in their own dtype (float32).
-      mesh: data-parallel mesh (:func:`make_mesh`): the batch is sharded along its ``'data'``
-        axis and the state replicated. None runs on the arrays' own devices.
-      donate: donate the state's buffers to the step (the input state is invalid afterwards).
-      compiler_options: XLA options for the step's compile: ``"auto"`` for
-        :func:`jaxdiff.compilation.compiler_options` (faster CPU kernels), None for XLA's
-        defaults, or a dict.
-      steps_per_call: K >= 1 train steps per call, run by one ``lax.scan`` in one dispatch
-        (for small models on accelerators, where launching a step costs more than running
-        it). The batch then has a leading axis of K (one batch per step, ``[K, B, ...]``) and
-        every metric one value per step ``[K]``; the result equals K single-step calls.
-
-      skip_nonfinite: when the loss or any gradient component is NaN or infinite, leave the
-        params, EMA params, optimiser and loss state as they were and only advance the step (so
-        the next step sees the next batch and key); the step's ``skipped`` metric is 1. This is
-        optax's ``apply_if_finite`` with the count kept outside the state: a caller stops a run
-        after N consecutive skips (the ``jaxdiff`` runner's ``max_nonfinite_steps``). False
-        applies every update, NaN included.
-
-    Returns:
-      ``train_step``; its metrics are ``loss``, ``grad_norm`` (before clipping), ``ema_decay``,
-      ``skipped`` (1.0 when the update was skipped as non-finite, else 0.0),
-      ``learning_rate`` when the optimiser state holds one, and the loss's aux. A global batch
-      that is not divisible by the device count (times A) raises a ValueError.
+    A pure function of its inputs, for transformations of the step itself: ``jax.vmap`` over a
+    leading axis of states (:func:`jaxdiff.ensemble.make_ensemble_train_step`) or a custom
+    ``jit``/``scan``. ``mesh`` only places the micro-batches of gradient accumulation along the
+    ``'data'`` axis; the caller's ``jit`` shards the step's inputs.
     """
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
-    if not isinstance(steps_per_call, int) or steps_per_call < 1:
-        raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
     if compute_dtype is not None and not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
         raise ValueError(f"compute_dtype must be a floating dtype or None, got {compute_dtype!r}")
     decay_fn = _decay_fn(ema)
-    num_devices = data_size(mesh)
 
     def loss_and_grad(params, batch, key, loss_state):
         def objective(p):
@@ -458,6 +419,83 @@ def make_train_step(
             loss_state=loss_state,
         )
         return new_state, metrics
+
+    return step_fn
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    ema: DecayFn | float | None = None,
+    grad_accum_steps: int = 1,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+    compiler_options: str | Mapping[str, Any] | None = "auto",
+    steps_per_call: int = 1,
+    skip_nonfinite: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """Build the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
+
+    One step, with k = ``fold_in(state.key, state.step)``:
+
+    .. math:: g = \\frac{1}{A} \\sum_{i<A} \\nabla_\\theta L(\\theta, b_i,
+        \\mathrm{fold\\_in}(k, i)),\\quad \\theta' = \\theta + \\mathrm{opt}(g),\\quad
+        \\bar\\theta' = \\bar\\theta + (1 - d(s)) (\\theta' - \\bar\\theta)
+
+    with A = ``grad_accum_steps`` micro-batches ``b_i = batch[i::A]`` scanned with
+    ``lax.scan`` (their mean gradient equals the whole batch's for a loss that is a batch
+    mean), d the EMA decay of the step.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key) -> (loss, aux)``, ``loss`` a scalar and ``aux`` a
+        dict of scalar metrics (averaged over micro-batches). When the state carries a
+        ``loss_state`` the call is ``loss_fn(params, batch, key, loss_state)`` and
+        ``aux["loss_state"]`` must hold its new value (threaded through the micro-batches).
+      optimizer: an optax transformation (see :func:`default_optimizer`).
+      ema: None for ema-pytorch's schedule (:func:`ema_pytorch_decay`), a float for a
+        constant decay, or any ``decay(step)`` function.
+      grad_accum_steps: A >= 1.
+      compute_dtype: e.g. ``jnp.bfloat16``: the loss sees the floating params cast to it
+        (:func:`diffusion_loss_fn` then also casts the network input); gradients, params and
+        optimiser state stay in their own dtype (float32).
+      mesh: data-parallel mesh (:func:`make_mesh`): the batch is sharded along its ``'data'``
+        axis and the state replicated. None runs on the arrays' own devices.
+      donate: donate the state's buffers to the step (the input state is invalid afterwards).
+      compiler_options: XLA options for the step's compile: ``"auto"`` for
+        :func:`jaxdiff.compilation.compiler_options` (faster CPU kernels), None for XLA's
+        defaults, or a dict.
+      steps_per_call: K >= 1 train steps per call, run by one ``lax.scan`` in one dispatch
+        (for small models on accelerators, where launching a step costs more than running
+        it). The batch then has a leading axis of K (one batch per step, ``[K, B, ...]``) and
+        every metric one value per step ``[K]``; the result equals K single-step calls.
+
+      skip_nonfinite: when the loss or any gradient component is NaN or infinite, leave the
+        params, EMA params, optimiser and loss state as they were and only advance the step (so
+        the next step sees the next batch and key); the step's ``skipped`` metric is 1. This is
+        optax's ``apply_if_finite`` with the count kept outside the state: a caller stops a run
+        after N consecutive skips (the ``jaxdiff`` runner's ``max_nonfinite_steps``). False
+        applies every update, NaN included.
+
+    Returns:
+      ``train_step``; its metrics are ``loss``, ``grad_norm`` (before clipping), ``ema_decay``,
+      ``skipped`` (1.0 when the update was skipped as non-finite, else 0.0),
+      ``learning_rate`` when the optimiser state holds one, and the loss's aux. A global batch
+      that is not divisible by the device count (times A) raises a ValueError.
+    """
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}")
+    step_fn = make_step_fn(
+        loss_fn,
+        optimizer,
+        ema=ema,
+        grad_accum_steps=grad_accum_steps,
+        compute_dtype=compute_dtype,
+        mesh=mesh,
+        skip_nonfinite=skip_nonfinite,
+    )
+    num_devices = data_size(mesh)
 
     def multi_step_fn(state: TrainState, batches: Any):
         return jax.lax.scan(step_fn, state, batches)

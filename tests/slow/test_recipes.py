@@ -3,6 +3,7 @@ end on a tiny configuration: it trains from a fresh workdir, resumes exactly (a 
 step 2 and continued to 4 ends with the parameters of a run that went to 4 at once), samples
 with its own process and evaluates bits/dim with its own variance."""
 
+import dataclasses
 import json
 
 import jax
@@ -18,12 +19,12 @@ from tests.slow.test_cli_end_to_end import TINY, _jaxdiff
 pytestmark = pytest.mark.slow
 
 RECIPES = {
-    # improved DDPM's L_hybrid and L_vlb with importance sampling of t
-    "hybrid": ["--loss", "openai", "--var-type", "learned_range", "--loss-type", "rescaled_mse"],
-    "vlb_importance": [
-        "--loss", "openai", "--var-type", "learned_range", "--loss-type", "rescaled_kl",
-        "--timestep-sampler", "loss-second-moment",
-    ],
+    # the presets: improved DDPM's L_hybrid and L_vlb with importance sampling of t, the
+    # continuous-time v model, the class-conditional model
+    "hybrid": ["--preset", "digits-hybrid"],
+    "vlb_importance": ["--preset", "digits-vlb"],
+    "continuous_v_preset": ["--preset", "digits-continuous"],
+    "class_conditional": ["--preset", "digits-cond"],
     "learned_kl": ["--loss", "openai", "--var-type", "learned", "--loss-type", "kl"],
     "prev_x_fixed_large": [
         "--loss", "openai", "--objective", "prev_x", "--var-type", "fixed_large",
@@ -39,7 +40,6 @@ RECIPES = {
         "cosine", "--warmup-steps", "2", "--grad-accum-steps", "2", "--ema-update-every", "1",
         "--ema-update-after-step", "1",
     ],
-    "class_conditional": ["--num-classes", "10", "--cond-drop-prob", "0.2"],
 }  # fmt: skip
 
 
@@ -65,6 +65,10 @@ def test_recipe_trains_resumes_samples_and_evaluates(tmp_path, recipe):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from the checkpoint of step 2" in again.stderr
     config, _, a = wd.restored(straight, None)
+    if flags[0] == "--preset":  # the preset's recipe, at the tiny size
+        preset = cfg.PRESETS[flags[1]]
+        assert config.diffusion == dataclasses.replace(preset.diffusion, timesteps=20)
+        assert config.model.num_classes == preset.model.num_classes
     _, _, b = wd.restored(resumed, None)
     assert int(a.step) == int(b.step) == 4 == checkpoint.latest_step(resumed)
     for x, y in zip(_leaves(a), _leaves(b), strict=True):
