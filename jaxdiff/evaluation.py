@@ -425,8 +425,9 @@ def evaluate(
     )
     result: dict[str, Any] = {
         "step": at,
-        "sampler": wd.sampler_name(config, sampler, steps, respacing),
+        "sampler": sampler,
         "steps": steps,
+        "respacing": respacing,
         "eta": eta,
         "seed": seed,
         "num": num,

@@ -226,12 +226,12 @@ SAMPLERS = ("ddim", "ddpm")
 
 def resolve_steps(config: Config, sampler: str, steps: int | None) -> int:
     """The step count of a sampling run: ``steps``, else 50 for DDIM and T for DDPM (and for
-    the continuous-time sampler, 250); a ValueError outside [1, T]."""
+    the continuous-time sampler, 250; at most T); a ValueError outside [1, T]."""
     d = config.diffusion
     if steps is None:
         if d.loss == "continuous":
             return 250
-        return d.timesteps if sampler == "ddpm" else 50
+        return d.timesteps if sampler == "ddpm" else min(50, d.timesteps)
     if not isinstance(steps, int) or not 1 <= steps <= max(d.timesteps, 1):
         raise ValueError(f"steps must be an integer in [1, {d.timesteps}], got {steps!r}")
     return steps
