@@ -81,7 +81,9 @@ def test_recipe_trains_resumes_samples_and_evaluates(tmp_path, recipe):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows)
     if config.diffusion.loss != "continuous":
-        assert any(r.get("loss_q0") is not None for r in rows)
+        # logged (null in a window whose batches drew no t of that quarter)
+        assert all(f"loss_q{q}" in r for r in rows for q in range(4))
+        assert any(r[f"loss_q{q}"] is not None for r in rows for q in range(4))
     d = config.diffusion
     if d.loss == "openai" and "mse" in d.loss_type:
         assert all(r["mse"] is not None for r in rows)
@@ -90,7 +92,8 @@ def test_recipe_trains_resumes_samples_and_evaluates(tmp_path, recipe):
     if config.optim.lr_decay == "cosine":
         assert config.optim.decay_steps == 4
         lrs = [r["learning_rate"] for r in rows]
-        assert lrs[0] > lrs[-1] >= 0
+        # warming up at step 2, decayed at step 4: below the peak either way (0.5 lr both)
+        assert all(0 <= lr < config.run.lr for lr in lrs)
 
     conditional = config.model.num_classes is not None
     label = ["--class", "3", "--guidance-scale", "3"] if conditional else []
