@@ -14,6 +14,7 @@ from typing import Any
 # --------------------------------------------------------------------------------------------
 
 _ORBAX_PARTS = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
+_TENSORSTORE_ERRORS = ("[tensorstore_spec=", "in OCDBT database")
 
 
 class _QuietOrbax(logging.Filter):
@@ -24,7 +25,11 @@ class _QuietOrbax(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if any(part in record.pathname for part in _ORBAX_PARTS):
             return False
-        if record.name == "asyncio" and record.exc_info and record.exc_info[2] is not None:
+        if record.name == "asyncio" and record.exc_info:
+            # a tensorstore write that failed inside Orbax's save: the exception comes from
+            # tensorstore's C++ future, often with no Python frame of Orbax to recognise
+            if any(part in str(record.exc_info[1]) for part in _TENSORSTORE_ERRORS):
+                return False
             tb = record.exc_info[2]
             while tb is not None:
                 if any(part in tb.tb_frame.f_code.co_filename for part in _ORBAX_PARTS):
