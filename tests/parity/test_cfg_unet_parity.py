@@ -22,6 +22,7 @@ import pytest
 from jaxdiff.convert import flax_to_torch_state_dict, torch_key_map, torch_state_dict_to_flax
 from jaxdiff.guidance import guided_output
 from jaxdiff.models import ClassConditionalUnet, cfg_unet_from_config
+from tests.parity import test_unet_parity
 from tests.parity._fixtures import FIXTURES, Tol, assert_close, load, nchw, nhwc
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -302,17 +303,9 @@ def test_guided_output_reference_shortcuts_and_classic_form():
 # Live mode
 
 
-def _reference_available() -> bool:
-    code = (
-        "import importlib.util, torch; "
-        "assert importlib.util.find_spec('denoising_diffusion_pytorch')"
-    )
-    return subprocess.run([PYTHON, "-c", code], capture_output=True).returncode == 0
-
-
 @pytest.mark.live
 @pytest.mark.skipif(
-    not _reference_available(),
+    not test_unet_parity._reference_available(),
     reason="live cfg Unet parity needs torch 2.13.0 + denoising-diffusion-pytorch 2.3.4 in this "
     "Python or in $JAXDIFF_REFERENCE_PYTHON (see PROVENANCE.md); the committed fixture is "
     "checked by test_flax_cfg_unet_matches_reference",
