@@ -183,28 +183,29 @@ def continuous_sample(
     """
     objective = _check_objective(objective)
     if max_steps is None:
-        max_steps = samplers._static(num_steps)
+        max_steps = samplers.core._static(num_steps)
         if max_steps is None:
             raise ValueError("a traced num_steps needs a static max_steps")
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    samplers._check_steps(num_steps, max_steps, "continuous_sample")
-    n = jnp.asarray(num_steps, jnp.int32)
-    times = samplers.torch_linspace(1.0, 0.0, n + 1, max_steps + 1)
-    grid = samplers.TimeGrid(times[:-1], times[1:], n)
-    draw = samplers.noise_source(key, noise, max_steps, x_T, "continuous_sample")
-    kw = model_kwargs or {}
-
-    def step(x, _x0_prev, time, time_next, z):
-        log_snr, log_snr_next = log_snr_fn(time), log_snr_fn(time_next)
-        out = model_fn(x, jnp.broadcast_to(log_snr, x.shape[:1]), **kw)
-        mean, variance = continuous_p_mean_variance(
-            out, x, log_snr, log_snr_next, objective=objective, clip_denoised=clip_denoised
+    n_static = samplers.core._static(num_steps)
+    if n_static is not None and not 1 <= n_static <= max_steps:
+        raise ValueError(
+            f"continuous_sample: the number of steps must be in [1, {max_steps}], got {n_static}"
         )
-        alpha, sigma = alpha_sigma(log_snr)
-        x0 = alpha * x - sigma * out if objective == "v" else (x - sigma * out) / alpha
-        nonzero = (time_next != 0).astype(x.dtype)
-        return mean + nonzero * jnp.sqrt(variance) * z, x0
-
-    result = samplers.run_steps(step, x_T, grid, draw, return_trajectory)
+    n = jnp.asarray(num_steps, jnp.int32)
+    length = max_steps if n_static is None else n_static
+    times = samplers.torch_linspace(1.0, 0.0, n + 1, length + 1)
+    process = samplers.Continuous(log_snr_fn)
+    alpha, sigma = process.alpha_sigma(times)
+    sigma = jnp.where(times == 0, 0.0, sigma)  # the last step adds no noise
+    grid = samplers.Grid(times, alpha, sigma, n if n_static is None else n_static)
+    denoiser = samplers.make_denoiser(
+        model_fn, process, prediction=objective, clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+    )  # fmt: skip
+    result = samplers.sample(
+        samplers.ddpm(), denoiser, x_T, grid, key=key, noise=noise,
+        return_trajectory=return_trajectory,
+    )  # fmt: skip
     return result._replace(sample=jnp.clip(result.sample, -1.0, 1.0))

@@ -13,10 +13,12 @@ Diffusion Noise Schedules and Sample Steps are Flawed" (the rescale, Sec. 3.4); 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-__all__ = ["guided_output"]
+__all__ = ["guided_model_fn", "guided_output"]
 
 
 def guided_output(
@@ -103,3 +105,60 @@ def guided_output(
     out = jnp.where(rescaled_phi == 0.0, guided, mixed)
     out = jnp.where(scale == 1.0, c, out)
     return out.astype(cond_out.dtype)
+
+
+def guided_model_fn(
+    model_fn: Callable[..., jnp.ndarray],
+    scale: float,
+    cond_kwargs: dict,
+    uncond_kwargs: dict,
+    channels: int | None = None,
+    *,
+    rescaled_phi: float = 0.0,
+    remove_parallel_component: bool = False,
+    batched: bool = False,
+) -> Callable[..., jnp.ndarray]:
+    """Classifier-free guidance (Ho & Salimans 2022): out = u + scale * (c - u).
+
+    ``c`` and ``u`` are the outputs with ``cond_kwargs`` and ``uncond_kwargs`` (for jaxdiff's
+    class-conditional Unet ``{"label": y}`` and ``{"label": -1 everywhere}``, the null class),
+    mixed by :func:`jaxdiff.guidance.guided_output`: ``rescaled_phi`` blends in the output
+    rescaled to the conditional one's standard deviation, ``remove_parallel_component`` drops
+    the part of ``c - u`` parallel to ``c`` (denoising-diffusion-pytorch's
+    ``forward_with_cond_scale`` does both, the removal by default). With a learned variance
+    pass ``channels`` = C: only the first C (mean) channels are guided, the variance channels
+    come from the conditional output. ``batched`` evaluates both in one network call on the
+    doubled batch (x, the time and every keyword argument concatenated along axis 0; cond and
+    uncond kwargs need the same keys).
+    """
+
+    def mix(cond, uncond):
+        c, u = (
+            (cond, uncond) if channels is None else (cond[..., :channels], uncond[..., :channels])
+        )
+        guided = guided_output(
+            c, u, scale, rescaled_phi, remove_parallel_component=remove_parallel_component
+        )
+        if channels is None:
+            return guided
+        return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+
+    if batched and set(cond_kwargs) != set(uncond_kwargs):
+        raise ValueError(
+            f"batched guidance needs the same keyword arguments for both halves, got "
+            f"{sorted(cond_kwargs)} and {sorted(uncond_kwargs)}"
+        )
+
+    def guided(x, time, **kwargs):
+        if not batched:
+            cond = model_fn(x, time, **kwargs, **cond_kwargs)
+            uncond = model_fn(x, time, **kwargs, **uncond_kwargs)
+            return mix(cond, uncond)
+        n = x.shape[0]
+        both = {k: jnp.concatenate([v, v]) for k, v in kwargs.items()}
+        both.update({k: jnp.concatenate([cond_kwargs[k], uncond_kwargs[k]]) for k in cond_kwargs})
+        time = jnp.broadcast_to(time, (n,))
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([time, time]), **both)
+        return mix(out[:n], out[n:])
+
+    return guided

@@ -20,8 +20,10 @@ __all__ = [
     "beta_linear_log_snr",
     "betas_for_alpha_bar",
     "cosine_beta_schedule",
+    "exponential_sigmas",
     "get_named_beta_schedule",
     "interpolated_log_snr",
+    "karras_sigmas",
     "linear_beta_schedule",
     "log_snr_schedule",
     "resolution_shift",
@@ -29,6 +31,8 @@ __all__ = [
     "sigmoid_beta_schedule",
     "simple_cosine_log_snr",
     "space_timesteps",
+    "spaced_timesteps",
+    "table_sigmas",
 ]
 
 
@@ -296,6 +300,88 @@ def respace_betas(
     alphas_cumprod = np.cumprod(1.0 - betas)[steps]
     prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
     return 1.0 - alphas_cumprod / prev, steps
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler grids: timestep spacings and noise levels (host NumPy, float64)
+# --------------------------------------------------------------------------------------------
+
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing")
+
+
+def spaced_timesteps(
+    num_timesteps: int,
+    num_steps: int,
+    spacing: str = "linspace",
+    *,
+    steps_offset: int = 0,
+    skip_last: bool = False,
+    rounded: bool = True,
+) -> np.ndarray:
+    """Descending sampling timesteps of a T-step table, by the spacings of Lin et al. 2024,
+    Table 2 (diffusers' ``timestep_spacing``).
+
+    * ``linspace``: ``linspace(0, T - 1, n)`` (its ends included);
+    * ``leading``: ``k * (T // n)`` for k < n, plus ``steps_offset`` (DDIM's and Stable
+      Diffusion's spacing: it never reaches T - 1);
+    * ``trailing``: ``round(T - k T / n) - 1`` for k < n (it starts at T - 1).
+
+    ``skip_last`` takes n + 1 points of the linspace or leading spacing and drops the smallest
+    (diffusers' DPM-Solver and UniPC schedulers, which end at sigma 0 instead of at t = 0).
+    ``rounded`` rounds half to even (NumPy's ``round``); unrounded timesteps are fractional
+    (diffusers' Euler and Heun schedulers with the linspace spacing).
+
+    Returns:
+      float64 [n], descending.
+    """
+    _check_num_timesteps(num_timesteps)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    n = int(num_steps)
+    if not 1 <= n <= num_timesteps:
+        raise ValueError(f"the number of steps must be in [1, {num_timesteps}], got {num_steps}")
+    points = n + 1 if skip_last and spacing != "trailing" else n
+    if spacing == "linspace":
+        ts = np.linspace(0, num_timesteps - 1, points)
+    elif spacing == "leading":
+        ts = np.arange(points) * (num_timesteps // points) + float(steps_offset)
+    else:
+        ts = np.arange(num_timesteps, 0, -num_timesteps / n)
+        ts = np.round(ts) - 1 if rounded else ts - 1
+    if rounded:
+        ts = np.round(ts)
+    ts = np.sort(ts)[::-1].astype(np.float64)
+    return ts[:n]
+
+
+def table_sigmas(alphas_cumprod) -> np.ndarray:
+    """k-diffusion's noise levels of a table, sqrt((1 - abar) / abar) (increasing in t)."""
+    abar = np.asarray(alphas_cumprod, np.float64)
+    return np.sqrt((1 - abar) / abar)
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
+    """Karras et al. 2022, Eq. 5: sigma_i = (max^(1/rho) + i / (n - 1) (min^(1/rho) -
+    max^(1/rho)))^rho for i < n, then 0 (k-diffusion ``get_sigmas_karras``). float64 [n + 1]."""
+    n = int(num_steps)
+    if n < 1:
+        raise ValueError(f"the number of steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return np.append((hi + ramp * (lo - hi)) ** rho, 0.0)
+
+
+def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float):
+    """Noise levels uniform in log sigma, i.e. uniform in log-SNR (k-diffusion
+    ``get_sigmas_exponential``; DPM-Solver's ``logSNR`` skip type), then 0. float64 [n + 1]."""
+    n = int(num_steps)
+    if n < 1:
+        raise ValueError(f"the number of steps must be >= 1, got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    return np.append(np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)), 0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ LOGLIK_F64 = Tol("loglik_f64", 1e-4, 4e-6)
 # Sampling chains, compared at every step: the per-step error compounds over up to 50 steps
 # through coefficients up to 1/sqrt(abar): 1.2e-4 abs (unclipped or eta = 1 chains), 1e-5 rel.
 CHAIN = Tol("chain", 1.5e-5, 1.2e-3)
+# Fast solvers against diffusers / k-diffusion, every step of up to 20 (placeholder, measured below)
+SOLVER = Tol("solver", 1e-3, 1e-3)
 # Unet outputs relative to max |output|: ~30 float32 layers summed in another order: 6.7e-7.
 UNET = Tol("unet", 7e-6, 0.0, scaled=True)
 # jaxdiff against the reference's float64 run. jaxdiff computes in float32 (with exact tails),

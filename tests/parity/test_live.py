@@ -7,6 +7,10 @@ see PROVENANCE.md. Point ``IMPROVED_DIFFUSION_DIR`` at the folder holding its
 ``guided_diffusion`` package of openai/guided-diffusion at 22e0df8 and, if torch lives in
 another environment,
 ``JAXDIFF_REFERENCE_PYTHON`` at that environment's python.
+
+The solver fixtures (``solvers_diffusers.npz``, ``solvers_kdiffusion.npz``) are re-run by their
+own test, which needs diffusers 0.42.1 and k-diffusion 0.1.1 (with torchsde, trampoline, scipy
+and tqdm) in that python but none of the folders above.
 """
 
 import os
@@ -38,17 +42,28 @@ def _references_available() -> bool:
     return subprocess.run(probe, capture_output=True).returncode == 0
 
 
-pytestmark = [
-    pytest.mark.live,
-    pytest.mark.skipif(
-        not _references_available(),
-        reason="live parity needs torch + denoising-diffusion-pytorch, IMPROVED_DIFFUSION_DIR and "
-        "GUIDED_DIFFUSION_DIR "
-        "(see PROVENANCE.md); the committed fixtures are checked by the other parity tests",
-    ),
-]
+def _solver_references_available() -> bool:
+    # find_spec only (importing diffusers takes seconds): the generator imports them itself
+    code = (
+        "import importlib.util as u; "
+        "assert all(u.find_spec(p) for p in "
+        "('torch', 'diffusers', 'k_diffusion', 'torchsde', 'trampoline', 'scipy', 'tqdm'))"
+    )
+    probe = [PYTHON, "-c", code]
+    return subprocess.run(probe, capture_output=True).returncode == 0
 
 
+pytestmark = [pytest.mark.live]
+
+SOLVER_FIXTURES = ("solvers_diffusers.npz", "solvers_kdiffusion.npz")
+
+
+@pytest.mark.skipif(
+    not _references_available(),
+    reason="live parity needs torch + denoising-diffusion-pytorch, IMPROVED_DIFFUSION_DIR and "
+    "GUIDED_DIFFUSION_DIR "
+    "(see PROVENANCE.md); the committed fixtures are checked by the other parity tests",
+)
 def test_upstream_code_reproduces_every_fixture(tmp_path):
     subprocess.run(
         [
@@ -66,12 +81,35 @@ def test_upstream_code_reproduces_every_fixture(tmp_path):
     )
     # These have generators and live tests of their own (generate_unet_fixtures.py,
     # generate_cfg_unet_fixtures.py, generate_training_fixtures.py,
-    # generate_inception_fixtures.py, generate_metrics_fixtures.py).
+    # generate_inception_fixtures.py, generate_metrics_fixtures.py,
+    # generate_solver_fixtures.py).
     own = {"unet.npz", "cfg_unet.npz", "training.npz", "inception.npz", "metrics.npz"}
+    own.update(SOLVER_FIXTURES)
     written = sorted(p.name for p in tmp_path.glob("*.npz"))
     committed = sorted(p.name for p in FIXTURES.glob("*.npz") if p.name not in own)
     assert written == committed
     for name in committed:
+        fresh, stored = np.load(tmp_path / name), np.load(FIXTURES / name)
+        assert sorted(fresh.files) == sorted(stored.files), name
+        for key in stored.files:
+            np.testing.assert_array_equal(fresh[key], stored[key], err_msg=f"{name}:{key}")
+
+
+@pytest.mark.skipif(
+    not _solver_references_available(),
+    reason="live solver parity needs torch, diffusers 0.42.1, k-diffusion 0.1.1 (with torchsde, "
+    "trampoline, scipy, tqdm) in JAXDIFF_REFERENCE_PYTHON (see PROVENANCE.md, Fast solvers); "
+    "the committed solver fixtures are read by the other parity tests",
+)
+def test_upstream_solvers_reproduce_every_solver_fixture(tmp_path):
+    subprocess.run(
+        [PYTHON, str(HERE / "generate_solver_fixtures.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    written = sorted(p.name for p in tmp_path.glob("*.npz"))
+    assert written == sorted(SOLVER_FIXTURES)
+    for name in SOLVER_FIXTURES:
         fresh, stored = np.load(tmp_path / name), np.load(FIXTURES / name)
         assert sorted(fresh.files) == sorted(stored.files), name
         for key in stored.files:

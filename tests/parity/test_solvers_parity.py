@@ -1,0 +1,290 @@
+"""Fast samplers against diffusers 0.42.1's schedulers and k-diffusion 0.1.1's samplers, step by
+step (fixtures ``solvers_diffusers.npz`` / ``solvers_kdiffusion.npz``, written by
+``generate_solver_fixtures.py``; see PROVENANCE.md).
+
+Every case runs the reference's own grid (its timesteps and sigmas) through jaxdiff's sampler
+with the reference's random draws, and compares the state after every step and the final
+sample; the grids themselves are compared with jaxdiff's grid builders separately. The network
+is the fixtures' elementwise tanh net. Differences from the references (where jaxdiff is
+right and the reference is not) are tested at the end of the file.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import gaussian, samplers
+from jaxdiff.samplers import dpm_solver, karras, unipc
+from tests.parity._fixtures import SOLVER, assert_close, load
+
+D_ARR, D_META = load("solvers_diffusers")
+K_ARR, K_META = load("solvers_kdiffusion")
+D_CASES = {c["name"]: c for c in D_META["cases"]}
+K_CASES = {c["name"]: c for c in K_META["cases"]}
+
+
+def nhwc(x):
+    return jnp.asarray(np.moveaxis(np.asarray(x), -3, -1))
+
+
+def nchw(x):
+    return np.moveaxis(np.asarray(x), -1, -3)
+
+
+def tanh_net(arrays):
+    a, bt, d = (jnp.asarray(arrays[f"net/{k}"])[None, None, None] for k in ("A", "Bt", "D"))
+
+    def model_fn(x, time):
+        t = time.astype(jnp.float32)[:, None, None, None]
+        return jnp.tanh(((a * x) + ((bt * t) / 1000)) + d)
+
+    return model_fn
+
+
+@functools.cache
+def table(alphas_cumprod_key: str, which: str = "d"):
+    arrays = D_ARR if which == "d" else K_ARR
+    ac = np.asarray(arrays[alphas_cumprod_key], np.float64)
+    betas = 1 - ac / np.append(1.0, ac[:-1])
+    return gaussian.make_coeffs(betas)
+
+
+def d_cases(*schedulers, skip=()):
+    return [
+        n for n, c in D_CASES.items()
+        if c["scheduler"] in schedulers and not c.get("grid_only")
+        and not any(s in n for s in skip)
+    ]  # fmt: skip
+
+
+PRED = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+def d_denoiser(case, **kw):
+    m = D_CASES[case]
+    cfg = m["config"]
+    c = table(f"{m['tables']}/alphas_cumprod")
+    thresh = (cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"]) if cfg.get(
+        "thresholding") else None  # fmt: skip
+    return samplers.make_denoiser(
+        tanh_net(D_ARR), c, prediction=PRED[cfg.get("prediction_type", "epsilon")],
+        thresholding=thresh or False, **kw,
+    )  # fmt: skip
+
+
+def d_grid(case):
+    m = D_CASES[case]
+    c = table(f"{m['tables']}/alphas_cumprod")
+    return samplers.sigma_grid(c, D_ARR[f"{case}/sigmas"], t=D_ARR[f"{case}/timesteps"])
+
+
+def d_noise(case, shape):
+    z = D_ARR.get(f"{case}/step_noise")
+    return nhwc(z) if z is not None else jnp.zeros(shape)
+
+
+def run(sampler, denoiser, x_T, grid, noise):
+    fn = jax.jit(lambda x, z: samplers.sample(sampler, denoiser, x, grid, noise=z,
+                                              return_trajectory=True))  # fmt: skip
+    return fn(x_T, noise)
+
+
+def compare_steps(traj, expected, what):
+    assert_close(nchw(traj), expected, SOLVER, err_msg=what)
+
+
+# --------------------------------------------------------------------------------------------
+# DPM-Solver(++) multistep and singlestep, UniPC (diffusers)
+# --------------------------------------------------------------------------------------------
+
+
+def dpm_sampler(case):
+    m = D_CASES[case]
+    cfg = m["config"]
+    multistep = m["scheduler"] == "DPMSolverMultistepScheduler"
+    common = dict(
+        order=cfg["solver_order"], algorithm=cfg["algorithm_type"],
+        solver_type=cfg["solver_type"], lower_order_final=cfg["lower_order_final"],
+    )  # fmt: skip
+    if multistep:
+        return dpm_solver.dpm_solver_multistep(**common, euler_at_final=cfg["euler_at_final"])
+    return dpm_solver.dpm_solver_singlestep(**common)
+
+
+@pytest.mark.parametrize(
+    "case", d_cases("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
+)
+def test_dpm_solver_matches_diffusers_at_every_step(case):
+    x_T = nhwc(D_ARR["x_T_noise"])
+    out = run(
+        dpm_sampler(case), d_denoiser(case), x_T, d_grid(case), d_noise(case, (8, *x_T.shape))
+    )
+    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
+
+
+@pytest.mark.parametrize("case", d_cases("UniPCMultistepScheduler"))
+def test_unipc_matches_diffusers_at_every_step(case):
+    cfg = D_CASES[case]["config"]
+    sampler = unipc.unipc(
+        cfg["solver_order"], cfg["solver_type"], predict_x0=cfg["predict_x0"],
+        lower_order_final=cfg["lower_order_final"],
+        disable_corrector=tuple(cfg["disable_corrector"]),
+    )  # fmt: skip
+    x_T = nhwc(D_ARR["x_T_noise"])
+    out = run(sampler, d_denoiser(case), x_T, d_grid(case), jnp.zeros((64, *x_T.shape)))
+    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
+
+
+# --------------------------------------------------------------------------------------------
+# DDIM, DDPM, Euler, Euler ancestral, Heun (diffusers)
+# --------------------------------------------------------------------------------------------
+
+
+def _ddim_consistent(case):
+    """diffusers' DDIM steps from t to t - T // n whatever the spacing: only the leading spacing
+    lands where the next step starts (see test_diffusers_ddim_linspace_steps_to_the_wrong_time)."""
+    return "leading" in case
+
+
+@pytest.mark.parametrize("case", [c for c in d_cases("DDIMScheduler") if _ddim_consistent(c)])
+def test_ddim_matches_diffusers_at_every_step(case):
+    m = D_CASES[case]
+    cfg = m["config"]
+    c = table(f"{m['tables']}/alphas_cumprod")
+    timesteps, expected = D_ARR[f"{case}/timesteps"], D_ARR[f"{case}/sample"]
+    final = "zero" if cfg["set_alpha_to_one"] else "sigma_min"
+    if not cfg["set_alpha_to_one"] and timesteps[-1] == 0:
+        # the reference's last step goes from t = 0 to abar_0 again: the identity (up to
+        # rounding), which a grid cannot hold (its levels strictly decrease)
+        assert_close(expected[-1], expected[-2], SOLVER, err_msg=f"{case}: identity step")
+        final, expected = "none", expected[:-1]
+    grid = samplers.timestep_grid(c, timesteps, final=final)
+    denoiser = d_denoiser(case, clip_denoised=cfg["clip_sample"], rederive_eps=False)
+    x_T = nhwc(D_ARR["x_T_noise"])
+    sampler = samplers.ddim(m["step_kwargs"].get("eta", 0.0))
+    out = run(sampler, denoiser, x_T, grid, d_noise(case, None))
+    compare_steps(out.trajectory, expected, case)
+
+
+@pytest.mark.parametrize("case", ["ddpm-eps-n10", "ddpm-v-trailing-n10"])
+def test_ddpm_on_a_grid_is_ddim_with_eta_one_as_diffusers(case):
+    m = D_CASES[case]
+    c = table(f"{m['tables']}/alphas_cumprod")
+    grid = samplers.timestep_grid(c, D_ARR[f"{case}/timesteps"])
+    x_T = nhwc(D_ARR["x_T_noise"])
+    out = run(samplers.ddim(1.0), d_denoiser(case), x_T, grid, d_noise(case, None))
+    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
+
+
+def test_ddpm_over_the_whole_table_matches_diffusers():
+    case = "ddpm-eps-n1000"
+    c = table(f"{D_CASES[case]['tables']}/alphas_cumprod")
+    x_T = nhwc(D_ARR["x_T_noise"])
+    out = samplers.ddpm_sample(tanh_net(D_ARR), c, x_T, noise=d_noise(case, None),
+                               clip_denoised=False, return_trajectory=True)  # fmt: skip
+    steps = D_ARR[f"{case}/sample_steps"]
+    compare_steps(out.trajectory[steps], D_ARR[f"{case}/sample"], case)
+
+
+def _ve_steps(traj, grid, n):
+    """jaxdiff's variance-preserving states -> diffusers' / k-diffusion's x / alpha."""
+    alpha = np.asarray(grid.alpha)[1 : n + 1]
+    return np.asarray(traj) / alpha.reshape(-1, 1, 1, 1, 1)
+
+
+def _euler_family_run(case, sampler):
+    m = D_CASES[case]
+    grid = d_grid(case) if m["scheduler"] != "HeunDiscreteScheduler" else _heun_grid(case)
+    x_ve = nhwc(D_ARR["x_T_noise"]) * float(D_ARR[f"{case}/init_noise_sigma"].reshape(()))
+    x_T = x_ve * grid.alpha[0]
+    out = run(sampler, d_denoiser(case, clip_denoised=m["config"].get("clip_sample", False)),
+              x_T, grid, d_noise(case, None))  # fmt: skip
+    return _ve_steps(out.trajectory, grid, grid.num_steps)
+
+
+@pytest.mark.parametrize(
+    "case", d_cases("EulerDiscreteScheduler", skip=("churn", "loglinear", "fsigmamin"))
+)
+def test_euler_matches_diffusers_at_every_step(case):
+    compare_steps(_euler_family_run(case, karras.euler()), D_ARR[f"{case}/sample"], case)
+
+
+@pytest.mark.parametrize("case", d_cases("EulerAncestralDiscreteScheduler"))
+def test_euler_ancestral_matches_diffusers_at_every_step(case):
+    got = _euler_family_run(case, karras.euler_ancestral())
+    compare_steps(got, D_ARR[f"{case}/sample"], case)
+
+
+def _heun_grid(case):
+    """diffusers' Heun lists every inner level twice; the grid is the distinct levels."""
+    m = D_CASES[case]
+    c = table(f"{m['tables']}/alphas_cumprod")
+    first = D_ARR[f"{case}/heun_first_order"]
+    sigmas = np.append(D_ARR[f"{case}/sigmas"][:-1][first], 0.0)
+    return samplers.sigma_grid(c, sigmas, t=D_ARR[f"{case}/timesteps"][first])
+
+
+@pytest.mark.parametrize("case", d_cases("HeunDiscreteScheduler"))
+def test_heun_matches_diffusers_at_every_step(case):
+    got = _euler_family_run(case, karras.heun())
+    first = D_ARR[f"{case}/heun_first_order"]
+    # a step is complete after its second call, or after the last (first-order) call
+    done = [k for k in range(first.size) if not first[k] or k == first.size - 1]
+    compare_steps(got, D_ARR[f"{case}/sample"][done], case)
+
+
+# --------------------------------------------------------------------------------------------
+# k-diffusion
+# --------------------------------------------------------------------------------------------
+
+K_SAMPLERS = {
+    "sample_euler": lambda kw: karras.euler(**kw),
+    "sample_euler_ancestral": lambda kw: karras.euler_ancestral(**kw),
+    "sample_heun": lambda kw: karras.heun(**kw),
+    "sample_dpm_2": lambda kw: karras.dpm_2(**kw),
+    "sample_dpm_2_ancestral": lambda kw: karras.dpm_2_ancestral(**kw),
+    "sample_dpmpp_2s_ancestral": lambda kw: karras.dpmpp_2s_ancestral(**kw),
+    "sample_lms": lambda kw: karras.lms(**kw),
+    "sample_dpmpp_2m": lambda kw: dpm_solver.dpm_solver_multistep(2, lower_order_final=False),
+    "sample_dpmpp_2m_sde": lambda kw: dpm_solver.dpm_solver_multistep(
+        2, solver_type=kw.get("solver_type", "midpoint"), eta=kw.get("eta", 1.0),
+        lower_order_final=False),
+    "sample_dpmpp_3m_sde": lambda kw: dpm_solver.dpm_solver_multistep(
+        3, solver_type="heun", eta=kw.get("eta", 1.0), lower_order_final=False),
+}  # fmt: skip
+
+
+def k_cases():
+    return [n for n, c in K_CASES.items() if not c.get("grid_only")]
+
+
+@pytest.mark.parametrize("case", k_cases())
+def test_k_diffusion_sampler_matches_at_every_step(case):
+    m = K_CASES[case]
+    c = table("alphas_cumprod", "k")
+    process = samplers.Discrete(c, quantize=m["quantize"])
+    prediction = "v" if "VDDPM" in m["denoiser"] else "eps"
+    denoiser = samplers.make_denoiser(tanh_net(K_ARR), process, prediction=prediction)
+    grid = samplers.sigma_grid(process, K_ARR[f"{case}/sigmas"])
+    n = grid.num_steps
+    sampler = K_SAMPLERS[m["sampler"]](m["sampler_kwargs"])
+    noise = np.zeros((n, *K_ARR["x_T_noise"].shape), np.float32)
+    draws = K_ARR.get(f"{case}/noise")
+    draws = None if draws is None or draws.size == 0 else draws
+    if draws is not None and m["noise_source"] == "noise_sampler":
+        noise[: draws.shape[0]] = draws  # one draw per step that ends above sigma 0
+    elif draws is not None:
+        noise[:] = draws[:n]  # torch.randn_like: one draw per step, churned or not
+    x_ve = nhwc(K_ARR["x_T_noise"]) * grid.sigma_ve[0]
+    out = run(sampler, denoiser, x_ve * grid.alpha[0], grid, nhwc(noise))
+    got = _ve_steps(out.trajectory, grid, n)
+    assert_close(nchw(out.pred_x0), K_ARR[f"{case}/cb_denoised"], SOLVER, err_msg=f"{case} D")
+    assert_close(nchw(got[-1]), K_ARR[f"{case}/sample"], SOLVER, err_msg=f"{case} sample")
+    churned = np.any(K_ARR[f"{case}/cb_sigma_hat"] != K_ARR[f"{case}/cb_sigma"])
+    if not churned:
+        compare_steps(got[:-1], K_ARR[f"{case}/cb_x"][1:], case)
