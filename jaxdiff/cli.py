@@ -177,7 +177,7 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         config = cfg.load_config(args.workdir)
         steps = wd.resolve_steps(config, args.sampler, args.steps)
-        name = wd.sampler_name(config, args.sampler, steps, args.respacing)
+        name = wd.sampler_name(config, args.sampler, steps, args.respacing, args.grid)
         labels, cols, num = None, None, args.num
         if args.label is not None:
             k = config.model.num_classes
@@ -213,6 +213,7 @@ def _sample(args: argparse.Namespace) -> int:
             respacing=args.respacing,
             var_type=args.var_type,
             cols=cols,
+            grid=args.grid,
         )
     except ValueError as error:
         return _fail("sample", error)
@@ -271,6 +272,7 @@ def _eval(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale,
             rescaled_phi=args.rescaled_phi,
             log=log if not args.quiet else None,
+            grid=args.grid,
         )
     except ValueError as error:
         return _fail("eval", error)
@@ -353,11 +355,26 @@ _VAR_HELP = (
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    from jaxdiff.config import SAMPLER_GRIDS, SAMPLERS
+
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddim",
+        help="ddim, ddpm, or a fast solver: DPM-Solver++ (dpmpp-*), UniPC (unipc-*), "
+        "k-diffusion's Karras samplers (euler, euler-a, heun, dpm2, lms)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
-        help="default 50 for DDIM, T for DDPM (fewer: the chain respaced to N steps)",
+        help="default 50 for DDIM, T for DDPM (fewer: the chain respaced to N steps), 20 for a "
+        "fast solver (heun and dpm2 call the network twice per step)",
+    )
+    parser.add_argument(
+        "--grid",
+        choices=SAMPLER_GRIDS,
+        help="a fast solver's grid: timestep spacing or noise levels (default linspace for "
+        "DPM-Solver and UniPC, karras for the Karras samplers)",
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
     parser.add_argument(

@@ -30,6 +30,13 @@ __all__ = [
 ]
 
 
+# the `jaxdiff sample` / `eval` choices (jaxdiff.workdir.SOLVERS builds each fast solver;
+# kept here so that the command line does not import JAX to list them)
+SAMPLERS = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2s", "dpmpp-3s",
+            "unipc-bh1", "unipc-bh2", "euler", "euler-a", "heun", "dpm2", "lms")  # fmt: skip
+SAMPLER_GRIDS = ("linspace", "leading", "trailing", "karras", "exponential")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The U-Net (denoising-diffusion-pytorch ``Unet`` options, and jaxdiff's execution

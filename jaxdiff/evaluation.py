@@ -60,6 +60,7 @@ def sample_images(
     respacing: str | None = None,
     var_type: str | None = None,
     cols: int | None = None,
+    grid: str | None = None,
 ) -> np.ndarray:
     """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid, ``cols``
     per row) and the uint8 array next to it (.npz, with the labels of a conditional model).
@@ -88,6 +89,7 @@ def sample_images(
         var_type=var_type,
         guidance_scale=guidance_scale,
         rescaled_phi=rescaled_phi,
+        grid=grid,
     )
     y = None if labels is None else jnp.asarray(labels, jnp.int32)
     raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed), 0, y))
@@ -360,6 +362,7 @@ def evaluate(
     guidance_scale: float | None = None,
     rescaled_phi: float = 0.0,
     log: Callable[[str], None] | None = None,
+    grid: str | None = None,
 ) -> dict[str, Any]:
     """Sample-quality metrics of a workdir's EMA model (``jaxdiff eval``).
 
@@ -379,6 +382,7 @@ def evaluate(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    grid_kind = grid
     for name, value, low in (("num", num, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -412,6 +416,7 @@ def evaluate(
         var_type=var_type,
         guidance_scale=guidance_scale,
         rescaled_phi=rescaled_phi,
+        grid=grid_kind,
     )
     at = int(state.step)
     stats, grid, mean_pixel = sample_statistics(
@@ -454,7 +459,9 @@ def evaluate(
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     if guidance_scale is not None:
         result["guidance_scale"], result["rescaled_phi"] = guidance_scale, rescaled_phi
-    run_key = _run_key(wd.sampler_name(config, sampler, steps, respacing), eta, num, seed)
+    run_key = _run_key(
+        wd.sampler_name(config, sampler, steps, respacing, grid_kind), eta, num, seed
+    )
     if guidance_scale is not None:
         run_key += f"_w{guidance_scale:g}" + (f"_phi{rescaled_phi:g}" if rescaled_phi else "")
     step_key = "init" if at_init else str(at)

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxdiff import checkpoint, data, gaussian, objectives, samplers, train
 from jaxdiff.compilation import compiler_options
+from jaxdiff import config as config_module
 from jaxdiff.config import Config, DataConfig, DiffusionConfig, load_config
 from jaxdiff.models import Unet
 
@@ -221,14 +222,35 @@ def grid_png(images: np.ndarray, path: pathlib.Path, cols: int | None = None) ->
     big.save(path, format="PNG")
 
 
-SAMPLERS = ("ddim", "ddpm")
+# name -> (sampler factory, default grid); the fast solvers' network calls per step in
+# ``samplers.Sampler.calls`` (Heun and DPM-2: 2, minus one on the step to sigma 0)
+SOLVERS = {
+    "dpmpp-2m": (lambda: samplers.dpm_solver.dpm_solver_multistep(2), "linspace"),
+    "dpmpp-3m": (lambda: samplers.dpm_solver.dpm_solver_multistep(3), "linspace"),
+    "dpmpp-2m-sde": (lambda: samplers.dpm_solver.dpm_solver_multistep(2, "sde-dpmsolver++"),
+                     "linspace"),
+    "dpmpp-2s": (lambda: samplers.dpm_solver.dpm_solver_singlestep(2), "linspace"),
+    "dpmpp-3s": (lambda: samplers.dpm_solver.dpm_solver_singlestep(3), "linspace"),
+    "unipc-bh1": (lambda: samplers.unipc.unipc(3, "bh1"), "linspace"),
+    "unipc-bh2": (lambda: samplers.unipc.unipc(2, "bh2"), "linspace"),
+    "euler": (lambda: samplers.karras.euler(), "karras"),
+    "euler-a": (lambda: samplers.karras.euler_ancestral(), "karras"),
+    "heun": (lambda: samplers.karras.heun(), "karras"),
+    "dpm2": (lambda: samplers.karras.dpm_2(), "karras"),
+    "lms": (lambda: samplers.karras.lms(), "karras"),
+}  # fmt: skip
+SAMPLERS = ("ddim", "ddpm", *SOLVERS)
+assert SAMPLERS == config_module.SAMPLERS, "jaxdiff.config.SAMPLERS lists the same names"
 
 
 def resolve_steps(config: Config, sampler: str, steps: int | None) -> int:
-    """The step count of a sampling run: ``steps``, else 50 for DDIM and T for DDPM (and for
-    the continuous-time sampler, 250; at most T); a ValueError outside [1, T]."""
+    """The step count of a sampling run: ``steps``, else 50 for DDIM, T for DDPM, 20 for a
+    fast solver (and for the continuous-time sampler, 250; at most T); a ValueError outside
+    [1, T]."""
     d = config.diffusion
     if steps is None:
+        if sampler in SOLVERS:
+            return min(20, d.timesteps)
         if d.loss == "continuous":
             return 250
         return d.timesteps if sampler == "ddpm" else min(50, d.timesteps)
@@ -237,12 +259,17 @@ def resolve_steps(config: Config, sampler: str, steps: int | None) -> int:
     return steps
 
 
-def sampler_name(config: Config, sampler: str, steps: int, respacing: str | None = None) -> str:
-    """``ddim50``, ``ddpm1000``, ``ddpm_respaced250``, ``continuous250``: what ran."""
-    if config.diffusion.loss == "continuous":
+def sampler_name(
+    config: Config, sampler: str, steps: int, respacing: str | None = None, grid: str | None = None
+) -> str:
+    """``ddim50``, ``ddpm1000``, ``ddpm_respaced250``, ``continuous250``, ``dpmpp-2m-linspace20``:
+    what ran."""
+    if config.diffusion.loss == "continuous" and sampler not in SOLVERS:
         return f"continuous{steps}"
     if respacing is not None:
         return f"{sampler}_respaced{respacing.replace(',', '-')}"
+    if sampler in SOLVERS:
+        return f"{sampler}-{grid or SOLVERS[sampler][1]}{steps}"
     return f"{sampler}{steps}"
 
 
@@ -312,9 +339,14 @@ def sample_fn(
     guidance_scale: float | None = None,
     rescaled_phi: float = 0.0,
     remove_parallel_component: bool = True,
+    grid: str | None = None,
 ):
     """A jitted ``run(params, key, first=0, labels=None) -> [num, H, W, C]`` sampler of the
     run's process.
+
+    ``sampler`` is ``"ddim"``, ``"ddpm"`` or a fast solver of :data:`SOLVERS` (DPM-Solver++,
+    UniPC, the Karras samplers), which runs ``steps`` steps of the grid ``grid`` (default: the
+    solver's, linspace timesteps or Karras sigmas) with x0 clipped to [-1, 1] as DDIM does.
 
     The process is the trained one: its objective and variance (a learned variance, or the
     fixed one; ``var_type`` may swap fixed_small and fixed_large), and for a continuous-time
@@ -335,6 +367,10 @@ def sample_fn(
     is drawn per batch from ``fold_in(key, -1 - first)``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    if grid is not None and sampler not in SOLVERS:
+        raise ValueError(
+            f"--grid applies to the fast solvers ({', '.join(SOLVERS)}), not {sampler}"
+        )
     d = config.diffusion
     var_type = sampling_var_type(config, var_type)
     size, channels = config.data.image_size, num_channels(config.data)
@@ -344,6 +380,18 @@ def sample_fn(
     continuous_time = d.loss == "continuous"
     if continuous_time and respacing is not None:
         raise ValueError("respacing is a discrete-time option; this model is continuous-time")
+    solver = None
+    if sampler in SOLVERS:
+        if respacing is not None:
+            raise ValueError("--respacing applies to ddim and ddpm; a fast solver takes --grid")
+        factory, default_grid = SOLVERS[sampler]
+        solver = factory()
+        process = (samplers.Continuous(objectives.log_snr_fn_of(d)) if continuous_time
+                   else objectives.process_coeffs(d, None, None))  # fmt: skip
+        grid_kind = grid or default_grid
+        if continuous_time and grid_kind not in ("linspace", "karras", "exponential"):
+            raise ValueError(f"a continuous-time model has no {grid_kind!r} grid")
+        solver_grid = samplers.make_grid(process, steps, grid_kind)
     if sampler == "ddpm" and respacing is None and steps != d.timesteps:
         respacing = str(steps)
     c = None if continuous_time else objectives.process_coeffs(d, None, respacing)
@@ -383,7 +431,13 @@ def sample_fn(
 
         # uint32 data: -1 - first wraps to 2**32 - 1 - first, apart from every row index j
         noise_key = jax.random.fold_in(key, jnp.uint32(2**32 - 1) - jnp.uint32(first))
-        if continuous_time:
+        if solver is not None:
+            denoiser = samplers.make_denoiser(
+                fn, process, prediction=d.objective, learned_variance=learned,
+                clip_denoised=True, self_condition=config.model.self_condition,
+            )  # fmt: skip
+            out = samplers.sample(solver, denoiser, x_T, solver_grid, key=noise_key)
+        elif continuous_time:
             from jaxdiff import continuous
 
             out = continuous.continuous_sample(

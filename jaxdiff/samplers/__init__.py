@@ -9,13 +9,15 @@
 * :mod:`.unipc`: UniPC (bh1, bh2, orders 1 to 3);
 * :mod:`.karras`: k-diffusion's Euler, Euler ancestral, Heun (with churn), DPM-2, LMS.
 
-Grids: :func:`timestep_grid` (table timesteps, e.g. from
+Grids: :func:`make_grid` by name (linspace, leading, trailing, karras, exponential);
+:func:`timestep_grid` (table timesteps, e.g. from
 :func:`jaxdiff.schedules.spaced_timesteps`), :func:`sigma_grid` (noise levels, e.g.
 :func:`jaxdiff.schedules.karras_sigmas`), :func:`ddim_grid` / :func:`ddpm_grid` (table-index
 grids with a possibly traced step count).
 """
 
 from jaxdiff.guidance import guided_model_fn
+from jaxdiff.samplers import dpm_solver, karras, unipc
 from jaxdiff.samplers.ancestral import (
     TimeGrid,
     ddim,
@@ -40,6 +42,7 @@ from jaxdiff.samplers.core import (
     Sampler,
     dynamic_threshold,
     make_denoiser,
+    make_grid,
     noise_source,
     sample,
     sigma_grid,
@@ -68,6 +71,7 @@ __all__ = [
     "index_grid",
     "interpolate",
     "make_denoiser",
+    "make_grid",
     "noise_source",
     "sample",
     "sigma_grid",

@@ -546,8 +546,8 @@ def sample(
     n_static = _static(grid.num_steps)
     if n_static is not None and n_static < sampler.min_steps:
         raise ValueError(
-            f"{sampler.name} needs at least {sampler.min_steps} steps, got {n_static}: use a "
-            f"lower order or more steps"
+            f"{sampler.name} needs at least {sampler.min_steps} steps (one per order), got "
+            f"{n_static}: use a lower order or more steps"
         )
     if sampler.check is not None and n_static is not None:
         try:
@@ -580,3 +580,75 @@ def sample(
     if return_trajectory:
         return SampleOutput(state[0], ys[0], ys[1])
     return SampleOutput(state[0], None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Grids by name
+# --------------------------------------------------------------------------------------------
+
+GRIDS = ("linspace", "leading", "trailing", "karras", "exponential")  # = config.SAMPLER_GRIDS
+
+
+def make_grid(
+    process,
+    num_steps: int,
+    kind: str = "linspace",
+    *,
+    final: str = "zero",
+    steps_offset: int = 0,
+    skip_last: bool = True,
+    round_t: bool = True,
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    max_steps: int | None = None,
+) -> Grid:
+    """A grid of ``num_steps`` steps by name.
+
+    * ``linspace`` / ``leading`` / ``trailing``: timesteps of the table spaced as
+      :func:`jaxdiff.schedules.spaced_timesteps` (``skip_last``: n + 1 points less the
+      smallest, diffusers' DPM-Solver and UniPC; ``round_t=False``: fractional timesteps,
+      diffusers' Euler), ending at ``final`` (``"zero"``: the clean image, ``"sigma_min"``: the
+      table's first timestep); on a continuous process ``linspace`` is t = 1 - k / n, ending at
+      the clean image.
+    * ``karras``: Karras et al.'s sigmas (``rho``) over [sigma_min, sigma_max] (default the
+      process's range), then 0; timesteps from ``sigma_to_t`` (rounded with ``round_t``, as
+      diffusers' DPM-Solver / UniPC; k-diffusion and diffusers' Euler keep them fractional).
+    * ``exponential``: sigmas uniform in log-SNR (k-diffusion ``get_sigmas_exponential``).
+    """
+    from jaxdiff import schedules
+
+    process = as_process(process)
+    if kind not in GRIDS:
+        raise ValueError(f"unknown grid {kind!r}; choose one of {list(GRIDS)}")
+    n = _static(num_steps)
+    if n is None:
+        raise ValueError(
+            "make_grid needs a Python int step count; for a traced count build grids for each "
+            "count with the same max_steps and pass them into the compiled sampler"
+        )
+    if n < 1:
+        raise ValueError(f"the number of steps must be >= 1, got {num_steps}")
+    if kind in ("karras", "exponential"):
+        lo, hi = process.sigma_range()
+        lo = lo if sigma_min is None else sigma_min
+        hi = hi if sigma_max is None else sigma_max
+        if final != "zero":
+            raise ValueError(f"a {kind} grid ends at sigma 0 (final='zero'), got final={final!r}")
+        if kind == "karras":
+            sigmas = schedules.karras_sigmas(n, lo, hi, rho)
+        else:
+            sigmas = schedules.exponential_sigmas(n, lo, hi)
+        return sigma_grid(process, sigmas, round_t=round_t, max_steps=max_steps)
+    if isinstance(process, Continuous):
+        if kind != "linspace":
+            raise ValueError(f"a continuous process has no {kind!r} timestep spacing")
+        t = jnp.asarray(np.linspace(1.0, 0.0, n + 1), jnp.float32)
+        alpha, sigma = process.alpha_sigma(t)
+        alpha, sigma = alpha.at[-1].set(1.0), sigma.at[-1].set(0.0)
+        return _finish_grid(Grid(t.at[-1].set(-1.0), alpha, sigma, n), max_steps, "make_grid")
+    ts = schedules.spaced_timesteps(
+        process.c.num_timesteps, n, kind, steps_offset=steps_offset, skip_last=skip_last,
+        rounded=round_t,
+    )  # fmt: skip
+    return timestep_grid(process, ts, final=final, max_steps=max_steps)

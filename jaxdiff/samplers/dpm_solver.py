@@ -169,7 +169,8 @@ def dpm_solver_multistep(
         return MultistepState(x_next, m, lams), d.x0
 
     return Sampler(f"dpm_solver_multistep({algorithm}, order {order})", init, step,
-                   stochastic=stochastic, check=_refuse_clean_end if sde_eps else None)  # fmt: skip
+                   stochastic=stochastic, check=_refuse_clean_end if sde_eps else None,
+                   min_steps=order)  # fmt: skip
 
 
 def _refuse_clean_end(grid, last_sigma):
@@ -272,4 +273,4 @@ def dpm_solver_singlestep(
         return new, d.x0
 
     return Sampler(f"dpm_solver_singlestep({algorithm}, order {order})", init, step,
-                   stochastic=stochastic)  # fmt: skip
+                   stochastic=stochastic, min_steps=order)  # fmt: skip

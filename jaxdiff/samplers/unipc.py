@@ -140,7 +140,8 @@ def unipc(
         this = jnp.where(grid.sigma[i + 1] == 0, 1, this)
         # UniP: predict x_{i+1}
         x_next = update(x, m_now, lam[i], (grid.alpha[i], grid.sigma[i]), lam[i + 1],
-                        (grid.alpha[i + 1], grid.sigma[i + 1]), m[1:], lams[1:], this, None)  # fmt: skip
+                        (grid.alpha[i + 1], grid.sigma[i + 1]), m[1:], lams[1:], this,
+                        None)  # fmt: skip
         return UniPCState(x_next, x, m, lams, alphas, sigmas, this), d.x0
 
-    return Sampler(f"unipc({variant}, order {order})", init, step)
+    return Sampler(f"unipc({variant}, order {order})", init, step, min_steps=order)

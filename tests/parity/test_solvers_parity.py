@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import gaussian, samplers
+from jaxdiff import gaussian, samplers, schedules
 from jaxdiff.samplers import dpm_solver, karras, unipc
-from tests.parity._fixtures import SOLVER, assert_close, load
+from tests.parity._fixtures import SOLVER, TABLE, assert_close, load
 
 D_ARR, D_META = load("solvers_diffusers")
 K_ARR, K_META = load("solvers_kdiffusion")
@@ -117,7 +117,12 @@ def dpm_sampler(case):
 
 
 @pytest.mark.parametrize(
-    "case", d_cases("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
+    "case",
+    d_cases(
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        skip=("karras-fsigmamin", "sde-dpmpp-3m"),
+    ),
 )
 def test_dpm_solver_matches_diffusers_at_every_step(case):
     x_T = nhwc(D_ARR["x_T_noise"])
@@ -127,7 +132,7 @@ def test_dpm_solver_matches_diffusers_at_every_step(case):
     compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
 
 
-@pytest.mark.parametrize("case", d_cases("UniPCMultistepScheduler"))
+@pytest.mark.parametrize("case", d_cases("UniPCMultistepScheduler", skip=("karras-fsigmamin",)))
 def test_unipc_matches_diffusers_at_every_step(case):
     cfg = D_CASES[case]["config"]
     sampler = unipc.unipc(
@@ -288,3 +293,138 @@ def test_k_diffusion_sampler_matches_at_every_step(case):
     churned = np.any(K_ARR[f"{case}/cb_sigma_hat"] != K_ARR[f"{case}/cb_sigma"])
     if not churned:
         compare_steps(got[:-1], K_ARR[f"{case}/cb_x"][1:], case)
+
+
+# --------------------------------------------------------------------------------------------
+# Grids: jaxdiff's builders against the schedulers' own timesteps and sigmas
+# --------------------------------------------------------------------------------------------
+
+GRID_FAMILY = {"dpmms": "skip", "dpmss": "skip", "unipc": "skip", "ddim": "plain",
+               "ddpm": "plain", "euler": "euler", "euler-a": "euler", "heun": "euler"}  # fmt: skip
+
+
+def _grid_case_args(case):
+    m = D_CASES[case]
+    cfg = m["config"]
+    family = case[len("grid-") :].split("-linspace")[0].split("-leading")[0].split("-trailing")[0]
+    spacing = cfg.get("timestep_spacing", "linspace")
+    return m, cfg, family, spacing
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        n
+        for n, c in D_CASES.items()
+        if c.get("grid_only") and "loglinear" not in n and n != "grid-dpmms-linspace-n13-karras-cos"
+    ],
+)
+def test_make_grid_gives_the_schedulers_timesteps_and_sigmas(case):
+    m, cfg, family, spacing = _grid_case_args(case)
+    c = table(f"{m['tables']}/alphas_cumprod")
+    n = m["num_inference_steps"]
+    timesteps, sigmas = D_ARR[f"{case}/timesteps"], D_ARR.get(f"{case}/sigmas")
+    kind = GRID_FAMILY[family]
+    offset = cfg.get("steps_offset", 0)
+    if family == "heun":  # every inner level twice
+        first = np.r_[True, np.arange(1, timesteps.size) % 2 == 1]
+        timesteps, sigmas = timesteps[first], np.append(sigmas[:-1][first], 0.0)
+    if cfg.get("use_lu_lambdas"):
+        grid = samplers.make_grid(c, n, "exponential")
+    elif cfg.get("use_karras_sigmas") and kind == "skip":
+        grid = samplers.make_grid(c, n, "karras")
+    elif cfg.get("use_karras_sigmas"):
+        # diffusers' Euler and Heun take the Karras range from the spacing's own levels
+        spaced = samplers.make_grid(c, n, spacing, steps_offset=offset, skip_last=False,
+                                    round_t=spacing != "linspace")  # fmt: skip
+        levels = np.asarray(spaced.sigma_ve)[:n]
+        grid = samplers.make_grid(c, n, "karras", round_t=False, sigma_min=float(levels.min()),
+                                  sigma_max=float(levels.max()))  # fmt: skip
+    else:
+        grid = samplers.make_grid(
+            c, n, spacing, steps_offset=offset, skip_last=kind == "skip",
+            round_t=not (kind == "euler" and spacing == "linspace"),
+        )  # fmt: skip
+    t = np.asarray(grid.t)[:n]
+    if kind == "euler":
+        np.testing.assert_allclose(t, timesteps, rtol=2e-6, atol=2e-4, err_msg=case)
+    else:
+        np.testing.assert_array_equal(t, timesteps, err_msg=case)
+    if sigmas is not None:
+        assert_close(np.asarray(grid.sigma_ve), sigmas, TABLE, err_msg=f"{case} sigmas")
+
+
+@pytest.mark.parametrize("case", ["grid-karras-n3", "grid-karras-n13", "grid-karras-n25",
+                                  "grid-karras-n99", "grid-exponential-n3",
+                                  "grid-exponential-n13", "grid-exponential-n25",
+                                  "grid-exponential-n99"])  # fmt: skip
+def test_karras_and_exponential_sigmas_match_k_diffusion(case):
+    n = K_CASES[case]["n"]
+    lo, hi = float(K_ARR["sigma_min"].reshape(())), float(K_ARR["sigma_max"].reshape(()))
+    fn = schedules.karras_sigmas if "karras" in case else schedules.exponential_sigmas
+    assert_close(fn(n, lo, hi), K_ARR[f"{case}/sigmas"], TABLE, err_msg=case)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the references are wrong, and jaxdiff differs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["sde-dpmpp-3m-eps-n7", "sde-dpmpp-3m-eps-n20"])
+def test_diffusers_third_order_sde_dpmsolver_has_a_wrong_sign(case):
+    """diffusers 0.42's third-order ``sde-dpmsolver++`` update weighs D2 by
+    alpha ((1 - e^{-2h} - 2h) / (2h)^2 - 0.5), which tends to -alpha as h -> 0: a correction
+    term that does not vanish. k-diffusion's ``sample_dpmpp_3m_sde`` (and jaxdiff) use
+    alpha (1/2 - (e^{-2h} - 1 + 2h) / (2h)^2) -> alpha h / 3, the ODE solver's coefficient
+    with h -> 2h. jaxdiff agrees with diffusers until the first third-order step and with
+    k-diffusion everywhere (test_k_diffusion_sampler_matches_at_every_step, dpmpp-3m-sde)."""
+    x_T = nhwc(D_ARR["x_T_noise"])
+    out = run(dpm_sampler(case), d_denoiser(case), x_T, d_grid(case), d_noise(case, None))
+    expected = D_ARR[f"{case}/sample"]
+    order = D_ARR[f"{case}/step_order"]
+    third = int(np.argmax(order == 3))
+    compare_steps(out.trajectory[:third], expected[:third], case)
+    err = np.abs(nchw(out.trajectory[third]) - expected[third]).max()
+    assert err > 10 * (SOLVER.atol + SOLVER.rtol * np.abs(expected[third]).max()), err
+
+
+def test_diffusers_ddim_with_linspace_spacing_steps_to_the_wrong_time():
+    """diffusers' DDIM goes from t to t - T // n whatever the spacing; with the linspace and
+    trailing spacings that is not where the next step starts (999 -> 899, then the network is
+    called at 888), so each step lands at a noise level other than the one it is evaluated
+    at. jaxdiff's grid steps between consecutive timesteps; its parity is tested on the
+    leading spacing, where both agree."""
+    case = "ddim-linspace-a1-eps-n10-eta0"
+    timesteps = D_ARR[f"{case}/timesteps"]
+    step = 1000 // 10
+    assert any(t - step != t_next for t, t_next in zip(timesteps[:-1], timesteps[1:]))
+    m = D_CASES[case]
+    c = table(f"{m['tables']}/alphas_cumprod")
+    grid = samplers.timestep_grid(c, timesteps)
+    out = run(samplers.ddim(), d_denoiser(case, rederive_eps=False), nhwc(D_ARR["x_T_noise"]),
+              grid, None)  # fmt: skip
+    expected = D_ARR[f"{case}/sample"]
+    assert np.abs(nchw(out.trajectory[0]) - expected[0]).max() > 1e-2
+
+
+def test_diffusers_karras_timesteps_of_the_cosine_schedule_are_truncated():
+    """diffusers' DPM-Solver does not round the Karras timesteps of ``squaredcos_cap_v2`` and
+    casts them to int64: levels 0-2 all become 998 (and its sampling loop then crashes with an
+    IndexError, PROVENANCE.md). jaxdiff rounds: 999, 999, 999, 998, ..."""
+    case = "grid-dpmms-linspace-n13-karras-cos"
+    ts = D_ARR[f"{case}/timesteps"]
+    assert np.unique(ts).size < ts.size
+    c = table(f"{D_CASES[case]['tables']}/alphas_cumprod")
+    grid = samplers.make_grid(c, 13, "karras")
+    exact = np.asarray(c.alphas_cumprod.shape[0] - 1 - 0 * ts)  # t of sigma_max is T - 1
+    assert np.asarray(grid.t)[0] == exact[0]
+    assert_close(np.asarray(grid.sigma_ve), D_ARR[f"{case}/sigmas"], TABLE, err_msg=case)
+
+
+def test_a_repeated_noise_level_is_refused():
+    """diffusers' DPM-Solver and UniPC with Karras sigmas and ``final_sigmas_type="sigma_min"``
+    repeat the smallest level (their last step is the identity, one wasted network call);
+    jaxdiff refuses a grid whose levels do not strictly decrease."""
+    case = "dpm-2m-eps-n10-karras-fsigmamin"
+    with pytest.raises(ValueError, match="must decrease along the grid"):
+        d_grid(case)

@@ -1,0 +1,104 @@
+"""Sample quality against network evaluations: every fast solver on the default digits run.
+
+For each solver and each budget of network function evaluations (NFE), sample ``--num``
+images from the workdir's EMA model and measure the digits Fréchet distance (``jaxdiff eval
+--metric digits``); DDIM at the same budgets and DDPM over the whole chain are the baselines.
+Heun and DPM-2 call the network twice per step, once on the step to sigma 0: n steps cost
+2n - 1 evaluations, so a budget B runs (B + 1) // 2 steps. Resumable: finished rows of the
+JSON are kept.
+
+    PYTHONPATH=. python experiments/solvers.py --workdir /work/runs/digits [--num 500] \
+        [--nfe 5,10,20,50] [--out experiments/results/solvers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+
+from jaxdiff import evaluation
+
+SOLVERS = ("ddim", "dpmpp-2m", "dpmpp-3m", "unipc-bh1", "unipc-bh2", "dpmpp-2m-sde",
+           "euler", "heun", "lms")  # fmt: skip
+TWO_CALLS = ("heun", "dpm2")
+
+
+def steps_for(solver: str, nfe: int) -> int:
+    return (nfe + 1) // 2 if solver in TWO_CALLS else nfe
+
+
+def _table(rows, nfes):
+    by = {}
+    for r in rows:
+        by.setdefault(r["sampler"], {})[r["nfe"]] = r
+    lines = [
+        "| sampler | " + " | ".join(f"FD at {n} NFE (s)" for n in nfes) + " |",
+        "|---|" + "---|" * len(nfes),
+    ]
+    for name, cells in by.items():
+        if name.startswith("ddpm"):
+            continue
+        row = [
+            f"{cells[n]['fd']:.1f} ({cells[n]['seconds']:.0f})" if n in cells else "-" for n in nfes
+        ]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    for name, cells in by.items():
+        if name.startswith("ddpm"):
+            (r,) = cells.values()
+            lines.append(f"| {name} | FD {r['fd']:.1f} at {r['nfe']} NFE ({r['seconds']:.0f} s) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=pathlib.Path, required=True)
+    parser.add_argument("--num", type=int, default=500)
+    parser.add_argument("--nfe", default="5,10,20,50")
+    parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument("--ddpm", type=int, default=1000, help="DDPM steps (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path,
+                        default=pathlib.Path("experiments/results/solvers"))  # fmt: skip
+    args = parser.parse_args(argv)
+    nfes = [int(n) for n in args.nfe.split(",")]
+    path = args.out.with_suffix(".json")
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    done = {(r["sampler"], r["nfe"], r["seed"], r["num"]) for r in rows}
+    command = "PYTHONPATH=. python experiments/solvers.py " + " ".join(argv or sys.argv[1:])
+    jobs = [(s, n) for n in nfes for s in args.solvers.split(",")]
+    if args.ddpm:
+        jobs.append(("ddpm", args.ddpm))
+    for solver, nfe in jobs:
+        if (solver, nfe, args.seed, args.num) in done:
+            continue
+        steps = nfe if solver == "ddpm" else steps_for(solver, nfe)
+        start = time.perf_counter()
+        result = evaluation.evaluate(
+            args.workdir, num=args.num, sampler=solver, steps=steps, metric="digits",
+            seed=args.seed,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        calls = 2 * steps - 1 if solver in TWO_CALLS else steps
+        row = {"sampler": solver, "nfe": calls, "steps": steps, "seed": args.seed,
+               "num": args.num, "fd": result["digits"]["fd"], "seconds": round(seconds, 1)}  # fmt: skip
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+        machine = f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform}"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"command": command, "machine": machine, "rows": rows},
+                                   indent=1) + "\n")  # fmt: skip
+        args.out.with_suffix(".md").write_text(
+            f"# Digits FD against network evaluations ({args.num} samples, seed {args.seed})\n\n"
+            f"`{command}`\n\n{_table(rows, nfes)}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
