@@ -51,7 +51,8 @@ def _table(rows, nfes):
     for name, cells in by.items():
         if name.startswith("ddpm"):
             (r,) = cells.values()
-            lines.append(f"| {name} | FD {r['fd']:.1f} at {r['nfe']} NFE ({r['seconds']:.0f} s) |")
+            fd, nfe, sec = r["fd"], r["nfe"], r["seconds"]
+            lines.append(f"| {name} | FD {fd:.1f} at {nfe} NFE ({sec:.0f} s) |")
     return "\n".join(lines)
 
 

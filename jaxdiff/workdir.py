@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import checkpoint, data, gaussian, objectives, samplers, train
-from jaxdiff.compilation import compiler_options
 from jaxdiff import config as config_module
+from jaxdiff.compilation import compiler_options
 from jaxdiff.config import Config, DataConfig, DiffusionConfig, load_config
 from jaxdiff.models import Unet
 

@@ -66,10 +66,12 @@ __all__ = [
     "ddpm",
     "ddpm_grid",
     "ddpm_sample",
+    "dpm_solver",
     "dynamic_threshold",
     "guided_model_fn",
     "index_grid",
     "interpolate",
+    "karras",
     "make_denoiser",
     "make_grid",
     "noise_source",
@@ -77,4 +79,5 @@ __all__ = [
     "sigma_grid",
     "timestep_grid",
     "torch_linspace",
+    "unipc",
 ]

@@ -49,8 +49,8 @@ def _to_vp(x_ve, grid, i):
 
 def _churn(s_churn, s_tmin, s_tmax, s_noise):
     def hat(x_ve, s, n, z):
-        gamma = jnp.where((s_tmin <= s) & (s <= s_tmax),
-                          jnp.minimum(s_churn / jnp.asarray(n, jnp.float32), math.sqrt(2.0) - 1.0), 0.0)  # fmt: skip
+        rate = jnp.minimum(s_churn / jnp.asarray(n, jnp.float32), math.sqrt(2.0) - 1.0)
+        gamma = jnp.where((s_tmin <= s) & (s <= s_tmax), rate, 0.0)
         s_hat = s * (gamma + 1.0)
         x_ve = x_ve + z * s_noise * jnp.sqrt(jnp.maximum(s_hat**2 - s**2, 0.0))
         return x_ve, s_hat

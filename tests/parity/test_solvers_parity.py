@@ -397,7 +397,7 @@ def test_diffusers_ddim_with_linspace_spacing_steps_to_the_wrong_time():
     case = "ddim-linspace-a1-eps-n10-eta0"
     timesteps = D_ARR[f"{case}/timesteps"]
     step = 1000 // 10
-    assert any(t - step != t_next for t, t_next in zip(timesteps[:-1], timesteps[1:]))
+    assert any(t - step != t_next for t, t_next in zip(timesteps[:-1], timesteps[1:], strict=True))
     m = D_CASES[case]
     c = table(f"{m['tables']}/alphas_cumprod")
     grid = samplers.timestep_grid(c, timesteps)

@@ -121,8 +121,9 @@ def test_guidance_and_learned_variance_work_with_every_solver():
         return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)
 
     labels = jnp.array([1, 2], jnp.int32)
-    fn = samplers.guided_model_fn(two_headed, 3.0, {"label": labels},
-                                  {"label": jnp.full_like(labels, -1)}, channels=3, batched=True)  # fmt: skip
+    null = {"label": jnp.full_like(labels, -1)}
+    fn = samplers.guided_model_fn(two_headed, 3.0, {"label": labels}, null, channels=3,
+                                  batched=True)  # fmt: skip
     denoiser = samplers.make_denoiser(fn, C, learned_variance=True)
     for name, sampler in SOLVERS.items():
         grid = samplers.make_grid(C, 6, "karras")
