@@ -86,8 +86,9 @@ def main(argv=None) -> int:
         )  # fmt: skip
         seconds = time.perf_counter() - start
         calls = 2 * steps - 1 if solver in TWO_CALLS else steps
+        fd = result["digits"]["fd"]
         row = {"sampler": solver, "nfe": calls, "steps": steps, "seed": args.seed,
-               "num": args.num, "fd": result["digits"]["fd"], "seconds": round(seconds, 1)}  # fmt: skip
+               "num": args.num, "fd": fd, "seconds": round(seconds, 1)}  # fmt: skip
         print(json.dumps(row), file=sys.stderr, flush=True)
         rows.append(row)
         machine = f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform}"
