@@ -56,6 +56,57 @@ def _table(rows, nfes):
     return "\n".join(lines)
 
 
+COLORS = ["#000000", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
+          "#7f7f7f", "#bcbd22", "#17becf"]  # fmt: skip
+
+
+def plot(rows, path: pathlib.Path, fd_max: float = 400.0) -> None:
+    """FD against NFE (log scale) per sampler, with PIL; FDs above ``fd_max`` sit on the top
+    edge."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    width, height, left, top, right, bottom = 900, 520, 70, 20, 700, 470
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((left, top, right, bottom), outline="black")
+    lo, hi = math.log(4), math.log(60)
+
+    def xy(nfe, fd):
+        x = left + (math.log(nfe) - lo) / (hi - lo) * (right - left)
+        y = bottom - min(fd, fd_max) / fd_max * (bottom - top)
+        return x, y
+
+    for nfe in (5, 10, 20, 50):
+        x, _ = xy(nfe, 0)
+        draw.line((x, bottom, x, bottom + 5), fill="black")
+        draw.text((x - 6, bottom + 8), str(nfe), fill="black")
+    for fd in range(0, int(fd_max) + 1, 50):
+        _, y = xy(5, fd)
+        draw.line((left - 5, y, left, y), fill="black")
+        draw.text((left - 35, y - 6), str(fd), fill="black")
+    draw.text((left + 250, bottom + 28), "network evaluations (log scale)", fill="black")
+    draw.text((5, top), "FD", fill="black")
+    names = [n for n in dict.fromkeys(r["sampler"] for r in rows) if not n.startswith("ddpm")]
+    for k, name in enumerate(names):
+        pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == name and r["seed"] == 0)
+        color = COLORS[k % len(COLORS)]
+        xys = [xy(n, f) for n, f in pts]
+        if len(xys) > 1:
+            draw.line(xys, fill=color, width=2)
+        for x, y in xys:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        draw.text((right + 15, top + 18 * k), name, fill=color)
+    for r in rows:
+        if r["sampler"].startswith("ddpm"):
+            _, y = xy(5, r["fd"])
+            draw.line((left, y, right, y), fill="#999999")
+            draw.text((right + 15, top + 18 * len(names)), f"DDPM-{r['nfe']}", fill="#999999")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=pathlib.Path, required=True)
@@ -64,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--ddpm", type=int, default=1000, help="DDPM steps (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", type=pathlib.Path, default=pathlib.Path("docs/solvers_fd.png"))
     parser.add_argument("--out", type=pathlib.Path,
                         default=pathlib.Path("experiments/results/solvers"))  # fmt: skip
     args = parser.parse_args(argv)
@@ -99,6 +151,7 @@ def main(argv=None) -> int:
             f"# Digits FD against network evaluations ({args.num} samples, seed {args.seed})\n\n"
             f"`{command}`\n\n{_table(rows, nfes)}\n"
         )
+    plot(rows, args.plot)
     return 0
 
 

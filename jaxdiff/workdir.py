@@ -391,7 +391,15 @@ def sample_fn(
         grid_kind = grid or default_grid
         if continuous_time and grid_kind not in ("linspace", "karras", "exponential"):
             raise ValueError(f"a continuous-time model has no {grid_kind!r} grid")
-        solver_grid = samplers.make_grid(process, steps, grid_kind)
+        if grid_kind in ("karras", "exponential"):
+            # EDM's sigma_max = 80 at most (Karras et al. 2022, Table 1): from a cosine table's
+            # 2e4 a 10-step Karras grid spends its steps where the image is still noise
+            lo, hi = process.sigma_range() if isinstance(process, samplers.Continuous) else (
+                samplers.Discrete(process).sigma_range())  # fmt: skip
+            solver_grid = samplers.make_grid(process, steps, grid_kind, sigma_max=min(hi, 80.0),
+                                             round_t=False)  # fmt: skip
+        else:
+            solver_grid = samplers.make_grid(process, steps, grid_kind)
     if sampler == "ddpm" and respacing is None and steps != d.timesteps:
         respacing = str(steps)
     c = None if continuous_time else objectives.process_coeffs(d, None, respacing)

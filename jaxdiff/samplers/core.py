@@ -139,8 +139,11 @@ class Continuous:
         return 0.5 * (lo + hi)
 
     def sigma_range(self) -> tuple[float, float]:
+        """The sigmas of t = 0 and t = 1, the largest capped at 500 (log-SNR -12.4): the
+        Karras samplers' x / alpha loses the signal in float32 beyond that (the cosine
+        schedule reaches 2e7)."""
         lam = np.asarray(self.log_snr_fn(jnp.asarray([1.0, 0.0], jnp.float32)), np.float64)
-        return float(np.exp(-lam[1] / 2)), float(np.exp(-lam[0] / 2))
+        return float(np.exp(-lam[1] / 2)), float(min(np.exp(-lam[0] / 2), 500.0))
 
 
 Process = Discrete | Continuous

@@ -12,6 +12,7 @@ right and the reference is not) are tested at the end of the file.
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,15 @@ import pytest
 
 from jaxdiff import gaussian, samplers, schedules
 from jaxdiff.samplers import dpm_solver, karras, unipc
-from tests.parity._fixtures import SOLVER, TABLE, assert_close, load
+from tests.parity._fixtures import (
+    SOLVER,
+    SOLVER_EULER,
+    SOLVER_K,
+    SOLVER_UNIPC,
+    TABLE,
+    assert_close,
+    load,
+)
 
 D_ARR, D_META = load("solvers_diffusers")
 K_ARR, K_META = load("solvers_kdiffusion")
@@ -34,6 +43,11 @@ def nhwc(x):
 
 def nchw(x):
     return np.moveaxis(np.asarray(x), -1, -3)
+
+
+@functools.cache
+def _net(which: str):
+    return tanh_net(D_ARR if which == "d" else K_ARR)
 
 
 def tanh_net(arrays):
@@ -88,14 +102,28 @@ def d_noise(case, shape):
     return nhwc(z) if z is not None else jnp.zeros(shape)
 
 
-def run(sampler, denoiser, x_T, grid, noise):
-    fn = jax.jit(lambda x, z: samplers.sample(sampler, denoiser, x, grid, noise=z,
-                                              return_trajectory=True))  # fmt: skip
-    return fn(x_T, noise)
+_COMPILED = {}
 
 
-def compare_steps(traj, expected, what):
-    assert_close(nchw(traj), expected, SOLVER, err_msg=what)
+def run(sampler, denoiser, x_T, grid, noise, key=None):
+    """The sampler over the grid with the given draws, every state returned. Cases with the
+    same ``key`` (sampler, denoiser and step count) share one compiled program: the grid's
+    arrays are arguments, its step count is static."""
+    n = int(grid.num_steps)
+
+    def go(t, alpha, sigma, x, z):
+        g = samplers.Grid(t, alpha, sigma, n)
+        return samplers.sample(sampler, denoiser, x, g, noise=z, return_trajectory=True)
+
+    if key is None:
+        fn = jax.jit(go)
+    else:
+        fn = _COMPILED.setdefault((key, n), jax.jit(go))
+    return fn(grid.t, grid.alpha, grid.sigma, x_T, noise)
+
+
+def compare_steps(traj, expected, what, tol=SOLVER):
+    assert_close(nchw(traj), expected, tol, err_msg=what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +154,13 @@ def dpm_sampler(case):
 )
 def test_dpm_solver_matches_diffusers_at_every_step(case):
     x_T = nhwc(D_ARR["x_T_noise"])
-    out = run(
-        dpm_sampler(case), d_denoiser(case), x_T, d_grid(case), d_noise(case, (8, *x_T.shape))
-    )
+    m = D_CASES[case]
+    keys = ("solver_order", "algorithm_type", "solver_type", "lower_order_final",
+            "euler_at_final", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+            "sample_max_value")  # fmt: skip
+    key = (m["scheduler"], m["tables"], *(str(m["config"].get(k)) for k in keys))
+    noise = d_noise(case, (len(D_ARR[f"{case}/timesteps"]), *x_T.shape))
+    out = run(dpm_sampler(case), d_denoiser(case), x_T, d_grid(case), noise, key)
     compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
 
 
@@ -142,7 +174,7 @@ def test_unipc_matches_diffusers_at_every_step(case):
     )  # fmt: skip
     x_T = nhwc(D_ARR["x_T_noise"])
     out = run(sampler, d_denoiser(case), x_T, d_grid(case), jnp.zeros((64, *x_T.shape)))
-    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
+    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case, SOLVER_UNIPC)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +205,7 @@ def test_ddim_matches_diffusers_at_every_step(case):
     x_T = nhwc(D_ARR["x_T_noise"])
     sampler = samplers.ddim(m["step_kwargs"].get("eta", 0.0))
     out = run(sampler, denoiser, x_T, grid, d_noise(case, None))
-    compare_steps(out.trajectory, expected, case)
+    compare_steps(out.trajectory, expected, case, SOLVER_EULER)
 
 
 @pytest.mark.parametrize("case", ["ddpm-eps-n10", "ddpm-v-trailing-n10"])
@@ -183,7 +215,7 @@ def test_ddpm_on_a_grid_is_ddim_with_eta_one_as_diffusers(case):
     grid = samplers.timestep_grid(c, D_ARR[f"{case}/timesteps"])
     x_T = nhwc(D_ARR["x_T_noise"])
     out = run(samplers.ddim(1.0), d_denoiser(case), x_T, grid, d_noise(case, None))
-    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case)
+    compare_steps(out.trajectory, D_ARR[f"{case}/sample"], case, SOLVER_EULER)
 
 
 def test_ddpm_over_the_whole_table_matches_diffusers():
@@ -193,7 +225,7 @@ def test_ddpm_over_the_whole_table_matches_diffusers():
     out = samplers.ddpm_sample(tanh_net(D_ARR), c, x_T, noise=d_noise(case, None),
                                clip_denoised=False, return_trajectory=True)  # fmt: skip
     steps = D_ARR[f"{case}/sample_steps"]
-    compare_steps(out.trajectory[steps], D_ARR[f"{case}/sample"], case)
+    compare_steps(out.trajectory[steps], D_ARR[f"{case}/sample"], case, SOLVER_EULER)
 
 
 def _ve_steps(traj, grid, n):
@@ -216,13 +248,14 @@ def _euler_family_run(case, sampler):
     "case", d_cases("EulerDiscreteScheduler", skip=("churn", "loglinear", "fsigmamin"))
 )
 def test_euler_matches_diffusers_at_every_step(case):
-    compare_steps(_euler_family_run(case, karras.euler()), D_ARR[f"{case}/sample"], case)
+    got = _euler_family_run(case, karras.euler())
+    compare_steps(got, D_ARR[f"{case}/sample"], case, SOLVER_EULER)
 
 
 @pytest.mark.parametrize("case", d_cases("EulerAncestralDiscreteScheduler"))
 def test_euler_ancestral_matches_diffusers_at_every_step(case):
     got = _euler_family_run(case, karras.euler_ancestral())
-    compare_steps(got, D_ARR[f"{case}/sample"], case)
+    compare_steps(got, D_ARR[f"{case}/sample"], case, SOLVER_EULER)
 
 
 def _heun_grid(case):
@@ -240,7 +273,7 @@ def test_heun_matches_diffusers_at_every_step(case):
     first = D_ARR[f"{case}/heun_first_order"]
     # a step is complete after its second call, or after the last (first-order) call
     done = [k for k in range(first.size) if not first[k] or k == first.size - 1]
-    compare_steps(got, D_ARR[f"{case}/sample"][done], case)
+    compare_steps(got, D_ARR[f"{case}/sample"][done], case, SOLVER_EULER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,13 +319,15 @@ def test_k_diffusion_sampler_matches_at_every_step(case):
     elif draws is not None:
         noise[:] = draws[:n]  # torch.randn_like: one draw per step, churned or not
     x_ve = nhwc(K_ARR["x_T_noise"]) * grid.sigma_ve[0]
-    out = run(sampler, denoiser, x_ve * grid.alpha[0], grid, nhwc(noise))
+    key = (m["sampler"], json.dumps(m["sampler_kwargs"], sort_keys=True), m["quantize"],
+           m["denoiser"])  # fmt: skip
+    out = run(sampler, denoiser, x_ve * grid.alpha[0], grid, nhwc(noise), key)
     got = _ve_steps(out.trajectory, grid, n)
-    assert_close(nchw(out.pred_x0), K_ARR[f"{case}/cb_denoised"], SOLVER, err_msg=f"{case} D")
-    assert_close(nchw(got[-1]), K_ARR[f"{case}/sample"], SOLVER, err_msg=f"{case} sample")
+    assert_close(nchw(out.pred_x0), K_ARR[f"{case}/cb_denoised"], SOLVER_K, err_msg=f"{case} D")
+    assert_close(nchw(got[-1]), K_ARR[f"{case}/sample"], SOLVER_K, err_msg=f"{case} sample")
     churned = np.any(K_ARR[f"{case}/cb_sigma_hat"] != K_ARR[f"{case}/cb_sigma"])
     if not churned:
-        compare_steps(got[:-1], K_ARR[f"{case}/cb_x"][1:], case)
+        compare_steps(got[:-1], K_ARR[f"{case}/cb_x"][1:], case, SOLVER_K)
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,3 +167,24 @@ def test_guidance_and_learned_variance_work_with_every_solver():
 def test_bad_solver_input_is_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_fast_solvers_on_a_continuous_time_process():
+    """The same solvers on a continuous log-SNR schedule (the network gets the log-SNR): with
+    the exact denoiser of Gaussian data they approach the exact ODE solution."""
+    log_snr = schedules.log_snr_schedule("cosine")
+
+    def exact_eps(x, lam):
+        a2 = jax.nn.sigmoid(lam)[:, None, None, None]
+        return jnp.sqrt(1 - a2) * x / (a2 * VAR + 1 - a2)
+
+    denoiser = samplers.make_denoiser(exact_eps, log_snr)
+    errors = {}
+    for name in ("ddim", "dpmpp_2m", "unipc_bh2", "euler", "heun"):
+        kind = "karras" if name in ("euler", "heun") else "linspace"
+        grid = samplers.make_grid(log_snr, 20, kind)
+        out = samplers.sample(SOLVERS[name], denoiser, X_T, grid).sample
+        errors[name] = float(jnp.max(jnp.abs(out - exact_x0(grid))))
+    assert errors["dpmpp_2m"] < errors["ddim"] / 2, errors
+    assert errors["unipc_bh2"] < errors["ddim"] / 2, errors
+    assert errors["heun"] < errors["euler"] / 2, errors
