@@ -34,9 +34,11 @@ def steps_for(solver: str, nfe: int) -> int:
 
 
 def _table(rows, nfes):
+    """FD of seed 0 per sampler and budget (and its wall time); then, where more seeds ran,
+    every seed's FD with the median and the range: the noise of the figure."""
     by = {}
     for r in rows:
-        by.setdefault(r["sampler"], {})[r["nfe"]] = r
+        by.setdefault(r["sampler"], {}).setdefault(r["nfe"], {})[r["seed"]] = r
     lines = [
         "| sampler | " + " | ".join(f"FD at {n} NFE (s)" for n in nfes) + " |",
         "|---|" + "---|" * len(nfes),
@@ -44,15 +46,33 @@ def _table(rows, nfes):
     for name, cells in by.items():
         if name.startswith("ddpm"):
             continue
-        row = [
-            f"{cells[n]['fd']:.1f} ({cells[n]['seconds']:.0f})" if n in cells else "-" for n in nfes
-        ]
+        row = []
+        for n in nfes:
+            cell = cells.get(n, {}) or cells.get(2 * ((n + 1) // 2) - 1, {})
+            r = cell.get(0)
+            row.append(f"{r['fd']:.1f} ({r['seconds']:.0f})" if r else "-")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     for name, cells in by.items():
         if name.startswith("ddpm"):
-            (r,) = cells.values()
-            fd, nfe, sec = r["fd"], r["nfe"], r["seconds"]
-            lines.append(f"| {name} | FD {fd:.1f} at {nfe} NFE ({sec:.0f} s) |")
+            for nfe, seeds in cells.items():
+                r = seeds[min(seeds)]
+                lines.append(f"| {name} | FD {r['fd']:.1f} at {nfe} NFE ({r['seconds']:.0f} s) |")
+    noise = [
+        (name, nfe, seeds)
+        for name, cells in by.items()
+        for nfe, seeds in sorted(cells.items())
+        if len(seeds) > 1
+    ]
+    if noise:
+        lines += ["", "| sampler | NFE | FD per seed | median | range |", "|---|---|---|---|---|"]
+        for name, nfe, seeds in noise:
+            fds = [seeds[k]["fd"] for k in sorted(seeds)]
+            per = " / ".join(f"{f:.1f}" for f in fds)
+            median = sorted(fds)[len(fds) // 2]
+            lines.append(
+                f"| {name} | {nfe} | {per} (seeds {', '.join(map(str, sorted(seeds)))}) | "
+                f"{median:.1f} | {max(fds) - min(fds):.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -148,7 +168,7 @@ def main(argv=None) -> int:
         path.write_text(json.dumps({"command": command, "machine": machine, "rows": rows},
                                    indent=1) + "\n")  # fmt: skip
         args.out.with_suffix(".md").write_text(
-            f"# Digits FD against network evaluations ({args.num} samples, seed {args.seed})\n\n"
+            f"# Digits FD against network evaluations ({args.num} samples)\n\n"
             f"`{command}`\n\n{_table(rows, nfes)}\n"
         )
     plot(rows, args.plot)

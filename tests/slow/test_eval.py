@@ -76,8 +76,8 @@ def test_eval_bad_input_gets_one_clear_line(trained, capsys, monkeypatch):
     assert "weights-inception-2015-12-05-6726825d.pth" in err and "never downloads" in err
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):  # argparse lists the choices
-        cli.main(["eval", "--workdir", str(trained), "--sampler", "euler"])
-    assert "invalid choice: 'euler' (choose from 'ddim', 'ddpm')" in capsys.readouterr().err
+        cli.main(["eval", "--workdir", str(trained), "--sampler", "plms"])
+    assert "invalid choice: 'plms' (choose from 'ddim', 'ddpm', 'dpmpp-2m'" in capsys.readouterr().err
     assert cli.main(["eval"]) == 1
     assert "give --workdir W" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", str(trained.parent / "nothing")]) == 1
@@ -145,3 +145,21 @@ def test_fid_extractor_from_the_environment(tmp_path, monkeypatch):
     np.testing.assert_array_equal(s.sample, rgb.sample)  # grayscale is repeated to RGB
     with pytest.raises(ValueError, match=r"2048-d features needs .* at least N = 2049"):
         features.quality(s, rgb)
+
+
+def test_sample_and_eval_with_the_fast_solvers(trained, tmp_path, capsys):
+    for sampler, extra, name in (
+        ("dpmpp-2m", [], "dpmpp-2m-linspace4"),
+        ("unipc-bh2", ["--grid", "trailing"], "unipc-bh2-trailing4"),
+        ("heun", [], "heun-karras4"),
+    ):
+        args = ["sample", "--workdir", str(trained), "--sampler", sampler, "--steps", "4",
+                "--num", "4", *extra]  # fmt: skip
+        assert cli.main(args) == 0, capsys.readouterr().err
+        images = np.load(trained / "samples" / f"{name}_seed0.npz")["images"]
+        assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+    assert cli.main(["sample", "--workdir", str(trained), "--grid", "karras"]) == 1
+    assert "--grid applies to the fast solvers" in capsys.readouterr().err
+    assert cli.main(["sample", "--workdir", str(trained), "--sampler", "dpmpp-3m", "--steps",
+                     "2"]) == 1  # fmt: skip
+    assert "needs at least 3 steps" in capsys.readouterr().err
