@@ -17,6 +17,7 @@ import argparse
 import json
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -64,14 +65,23 @@ def _table(rows, nfes):
         if len(seeds) > 1
     ]
     if noise:
-        lines += ["", "| sampler | NFE | FD per seed | median | range |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| sampler | NFE | FD per seed | median | range | minus DDIM's FD, same seed |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, nfe, seeds in noise:
-            fds = [seeds[k]["fd"] for k in sorted(seeds)]
+            keys = sorted(seeds)
+            fds = [seeds[k]["fd"] for k in keys]
             per = " / ".join(f"{f:.1f}" for f in fds)
-            median = sorted(fds)[len(fds) // 2]
+            median = statistics.median(fds)
+            ddim = by.get("ddim", {}).get(nfe, {})
+            diff = " / ".join(
+                f"{seeds[k]['fd'] - ddim[k]['fd']:+.1f}" for k in keys if k in ddim
+            ) if name != "ddim" else ""  # fmt: skip
             lines.append(
-                f"| {name} | {nfe} | {per} (seeds {', '.join(map(str, sorted(seeds)))}) | "
-                f"{median:.1f} | {max(fds) - min(fds):.1f} |"
+                f"| {name} | {nfe} | {per} (seeds {', '.join(map(str, keys))}) | "
+                f"{median:.1f} | {max(fds) - min(fds):.1f} | {diff} |"
             )
     return "\n".join(lines)
 
