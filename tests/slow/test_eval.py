@@ -77,7 +77,9 @@ def test_eval_bad_input_gets_one_clear_line(trained, capsys, monkeypatch):
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):  # argparse lists the choices
         cli.main(["eval", "--workdir", str(trained), "--sampler", "plms"])
-    assert "invalid choice: 'plms' (choose from 'ddim', 'ddpm', 'dpmpp-2m'" in capsys.readouterr().err
+    assert (
+        "invalid choice: 'plms' (choose from 'ddim', 'ddpm', 'dpmpp-2m'" in capsys.readouterr().err
+    )
     assert cli.main(["eval"]) == 1
     assert "give --workdir W" in capsys.readouterr().err
     assert cli.main(["eval", "--workdir", str(trained.parent / "nothing")]) == 1
