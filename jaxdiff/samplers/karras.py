@@ -58,9 +58,22 @@ def _churn(s_churn, s_tmin, s_tmax, s_noise):
     return hat
 
 
-def _check_churn(s_churn, s_noise):
+def _churned(name, update, s_churn, s_tmin, s_tmax, s_noise, calls=1) -> Sampler:
+    """A sampler whose step churns (raises sigma to sigma_hat with fresh noise), evaluates
+    D(x, sigma_hat) and moves x with ``update(denoise, x, d, sigma_hat, sigma_next)``, d the
+    ODE's slope (x - D) / sigma_hat."""
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
+    hat = _churn(s_churn, s_tmin, s_tmax, s_noise)
+
+    def step(denoise, state, grid, i, z):
+        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
+        x, s_hat = hat(_ve(state.x, grid.alpha[i]), s, grid.num_steps, z)
+        den = _denoise(denoise, x, s_hat)
+        x = update(denoise, x, (x - den) / s_hat, s_hat, s_next)
+        return State(_to_vp(x, grid, i)), den
+
+    return Sampler(name, _init, step, stochastic=s_churn > 0, calls=calls)
 
 
 def euler(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
@@ -68,17 +81,11 @@ def euler(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"
     """Euler steps of the ODE (Karras et al. 2022, Alg. 2 without the Heun correction); churn
     ``s_churn`` > 0 first raises sigma to sigma (1 + gamma) with fresh noise (k-diffusion
     ``sample_euler``)."""
-    _check_churn(s_churn, s_noise)
-    hat = _churn(s_churn, s_tmin, s_tmax, s_noise)
 
-    def step(denoise, state, grid, i, z):
-        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
-        x, s_hat = hat(_ve(state.x, grid.alpha[i]), s, grid.num_steps, z)
-        den = _denoise(denoise, x, s_hat)
-        x = x + (x - den) / s_hat * (s_next - s_hat)
-        return State(_to_vp(x, grid, i)), den
+    def update(denoise, x, d, s_hat, s_next):
+        return x + d * (s_next - s_hat)
 
-    return Sampler("euler", _init, step, stochastic=s_churn > 0)
+    return _churned("euler", update, s_churn, s_tmin, s_tmax, s_noise)
 
 
 def heun(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
@@ -86,14 +93,8 @@ def heun(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")
     """Heun's second-order method (Karras et al. 2022, Alg. 2, with churn); Euler on the step
     to sigma 0 (k-diffusion ``sample_heun``; diffusers' ``HeunDiscreteScheduler`` without
     churn)."""
-    _check_churn(s_churn, s_noise)
-    hat = _churn(s_churn, s_tmin, s_tmax, s_noise)
 
-    def step(denoise, state, grid, i, z):
-        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
-        x, s_hat = hat(_ve(state.x, grid.alpha[i]), s, grid.num_steps, z)
-        den = _denoise(denoise, x, s_hat)
-        d = (x - den) / s_hat
+    def update(denoise, x, d, s_hat, s_next):
         dt = s_next - s_hat
         x_euler = x + d * dt
 
@@ -101,29 +102,21 @@ def heun(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf")
             d2 = (x_euler - _denoise(denoise, x_euler, s_next)) / s_next
             return x + (d + d2) / 2 * dt
 
-        x = jax.lax.cond(s_next > 0, correct, lambda _: x_euler, None)
-        return State(_to_vp(x, grid, i)), den
+        return jax.lax.cond(s_next > 0, correct, lambda _: x_euler, None)
 
-    return Sampler("heun", _init, step, stochastic=s_churn > 0, calls=2)
+    return _churned("heun", update, s_churn, s_tmin, s_tmax, s_noise, calls=2)
 
 
 def dpm_2(s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
           s_noise: float = 1.0) -> Sampler:  # fmt: skip
     """DPM-Solver-2 in sigma (k-diffusion ``sample_dpm_2``): an Euler half step to the
     geometric midpoint of sigma and sigma_next, whose slope then takes the whole step."""
-    _check_churn(s_churn, s_noise)
-    hat = _churn(s_churn, s_tmin, s_tmax, s_noise)
 
-    def step(denoise, state, grid, i, z):
-        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
-        x, s_hat = hat(_ve(state.x, grid.alpha[i]), s, grid.num_steps, z)
-        den = _denoise(denoise, x, s_hat)
-        d = (x - den) / s_hat
-        x = jax.lax.cond(s_next > 0, lambda _: _midpoint(denoise, x, d, s_hat, s_next),
-                         lambda _: x + d * (s_next - s_hat), None)  # fmt: skip
-        return State(_to_vp(x, grid, i)), den
+    def update(denoise, x, d, s_hat, s_next):
+        return jax.lax.cond(s_next > 0, lambda _: _midpoint(denoise, x, d, s_hat, s_next),
+                            lambda _: x + d * (s_next - s_hat), None)  # fmt: skip
 
-    return Sampler("dpm_2", _init, step, stochastic=s_churn > 0, calls=2)
+    return _churned("dpm_2", update, s_churn, s_tmin, s_tmax, s_noise, calls=2)
 
 
 def _midpoint(denoise, x, d, s, s_to):
