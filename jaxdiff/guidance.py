@@ -1,9 +1,11 @@
 """Classifier-free guidance of two network outputs, as denoising-diffusion-pytorch 2.3.4's
 ``classifier_free_guidance.Unet.forward_with_cond_scale`` computes it.
 
-A pure function of arrays (jax only, no network), so that the samplers can call it: the
-conditional output (``label=y``) and the unconditional one (``label=-1``, the null class of
-:class:`jaxdiff.models.ClassConditionalUnet`) in, the guided output out.
+``guided_output`` is a pure function of arrays (jax only, no network): the conditional output
+(``label=y``) and the unconditional one (``label=-1``, the null class of
+:class:`jaxdiff.models.ClassConditionalUnet`) in, the guided output out. ``guided_model_fn``
+wraps any ``model_fn(x, time, **cond)`` with it, for every sampler of :mod:`jaxdiff.samplers`
+(both halves in one batched call if asked).
 
 Reference: Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"; Lin et al. 2024, "Common
 Diffusion Noise Schedules and Sample Steps are Flawed" (the rescale, Sec. 3.4); Sadat et al.
