@@ -136,57 +136,50 @@ def ancestral_step(s, s_next, eta):
     return jnp.sqrt(jnp.maximum(s_next**2 - up**2, 0.0)), up
 
 
-def _check_eta(eta, s_noise):
+def _ancestral(name, update, eta, s_noise, calls=1) -> Sampler:
+    """A sampler whose step evaluates D(x, sigma), moves x to sigma_down with ``update(denoise,
+    x, den, sigma, sigma_down)`` and adds noise up to sigma_next (none on the step to 0)."""
     if eta < 0 or s_noise < 0:
         raise ValueError(f"eta and s_noise must be >= 0, got {eta}, {s_noise}")
+
+    def step(denoise, state, grid, i, z):
+        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
+        x = _ve(state.x, grid.alpha[i])
+        den = _denoise(denoise, x, s)
+        down, up = ancestral_step(s, s_next, eta)
+        x = update(denoise, x, den, s, down)
+        x = x + jnp.where(s_next > 0, z * s_noise * up, 0.0)
+        return State(_to_vp(x, grid, i)), den
+
+    return Sampler(name, _init, step, stochastic=eta > 0, calls=calls)
 
 
 def euler_ancestral(eta: float = 1.0, s_noise: float = 1.0) -> Sampler:
     """Euler to sigma_down, then noise up to sigma_next (k-diffusion
     ``sample_euler_ancestral``; diffusers' ``EulerAncestralDiscreteScheduler``)."""
-    _check_eta(eta, s_noise)
 
-    def step(denoise, state, grid, i, z):
-        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
-        x = _ve(state.x, grid.alpha[i])
-        den = _denoise(denoise, x, s)
-        down, up = ancestral_step(s, s_next, eta)
-        x = x + (x - den) / s * (down - s)
-        x = x + jnp.where(s_next > 0, z * s_noise * up, 0.0)
-        return State(_to_vp(x, grid, i)), den
+    def update(denoise, x, den, s, down):
+        return x + (x - den) / s * (down - s)
 
-    return Sampler("euler_ancestral", _init, step, stochastic=eta > 0)
+    return _ancestral("euler_ancestral", update, eta, s_noise)
 
 
 def dpm_2_ancestral(eta: float = 1.0, s_noise: float = 1.0) -> Sampler:
     """DPM-Solver-2 to sigma_down, then noise up (k-diffusion ``sample_dpm_2_ancestral``)."""
-    _check_eta(eta, s_noise)
 
-    def step(denoise, state, grid, i, z):
-        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
-        x = _ve(state.x, grid.alpha[i])
-        den = _denoise(denoise, x, s)
-        down, up = ancestral_step(s, s_next, eta)
+    def update(denoise, x, den, s, down):
         d = (x - den) / s
-        x = jax.lax.cond(down > 0, lambda _: _midpoint(denoise, x, d, s, down),
-                         lambda _: x + d * (down - s), None)  # fmt: skip
-        x = x + jnp.where(s_next > 0, z * s_noise * up, 0.0)
-        return State(_to_vp(x, grid, i)), den
+        return jax.lax.cond(down > 0, lambda _: _midpoint(denoise, x, d, s, down),
+                            lambda _: x + d * (down - s), None)  # fmt: skip
 
-    return Sampler("dpm_2_ancestral", _init, step, stochastic=eta > 0, calls=2)
+    return _ancestral("dpm_2_ancestral", update, eta, s_noise, calls=2)
 
 
 def dpmpp_2s_ancestral(eta: float = 1.0, s_noise: float = 1.0) -> Sampler:
     """DPM-Solver++(2S) to sigma_down, then noise up (k-diffusion
     ``sample_dpmpp_2s_ancestral``): the second call sits at the log-SNR midpoint."""
-    _check_eta(eta, s_noise)
 
-    def step(denoise, state, grid, i, z):
-        s, s_next = grid.sigma_ve[i], grid.sigma_ve[i + 1]
-        x = _ve(state.x, grid.alpha[i])
-        den = _denoise(denoise, x, s)
-        down, up = ancestral_step(s, s_next, eta)
-
+    def update(denoise, x, den, s, down):
         def two_stage(_):
             t, t_next = -jnp.log(s), -jnp.log(down)
             h = t_next - t
@@ -195,11 +188,9 @@ def dpmpp_2s_ancestral(eta: float = 1.0, s_noise: float = 1.0) -> Sampler:
             den2 = _denoise(denoise, x2, s_mid)
             return (down / s) * x - jnp.expm1(-h) * den2
 
-        x = jax.lax.cond(down > 0, two_stage, lambda _: x + (x - den) / s * (down - s), None)
-        x = x + jnp.where(s_next > 0, z * s_noise * up, 0.0)
-        return State(_to_vp(x, grid, i)), den
+        return jax.lax.cond(down > 0, two_stage, lambda _: x + (x - den) / s * (down - s), None)
 
-    return Sampler("dpmpp_2s_ancestral", _init, step, stochastic=eta > 0, calls=2)
+    return _ancestral("dpmpp_2s_ancestral", update, eta, s_noise, calls=2)
 
 
 class LMSState(NamedTuple):
