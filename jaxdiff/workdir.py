@@ -384,6 +384,11 @@ def sample_fn(
     if sampler in SOLVERS:
         if respacing is not None:
             raise ValueError("--respacing applies to ddim and ddpm; a fast solver takes --grid")
+        if d.objective == "prev_x":
+            raise ValueError(
+                f"a previous-x network (objective prev_x) samples on its table's own steps: "
+                f"use --sampler ddpm or ddim, not {sampler}"
+            )
         factory, default_grid = SOLVERS[sampler]
         solver = factory()
         process = (samplers.Continuous(objectives.log_snr_fn_of(d)) if continuous_time

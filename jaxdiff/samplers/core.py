@@ -215,10 +215,10 @@ class Denoiser:
         return self.model_fn(x, time, **kwargs), time
 
     def __call__(self, x, t, alpha, sigma, x0_prev=None) -> Denoised:
-        if self.prediction == "prev_x":
+        if self.prediction == "prev_x" and not isinstance(self.process, Discrete):
             raise ValueError(
-                "a previous-x network (mean_type 'prev_x') has no eps or x0 prediction "
-                "between two table steps; only ddpm_sample samples it"
+                "a previous-x network (mean_type 'prev_x') predicts x_{t-1} of a coefficient "
+                "table; it has no prediction on a continuous-time process"
             )
         out, time = self.raw(x, t, x0_prev)
         mean_out = out
@@ -230,7 +230,13 @@ class Denoiser:
                 f"network with a learned variance (2C channels) needs learned_variance=True"
             )
         alpha, sigma = (jnp.asarray(a, x.dtype) for a in (alpha, sigma))
-        if self.prediction == "eps":
+        if self.prediction == "prev_x":
+            # x0 from the posterior mean of table step t (improved-diffusion's
+            # _predict_xstart_from_xprev), eps from that x0, as its ddim_sample does
+            step = jnp.broadcast_to(jnp.round(t).astype(jnp.int32), x.shape[:1])
+            x0 = gaussian.predict_x0_from_xprev(self.process.c, x, step, mean_out)
+            eps = (x - alpha * x0) / sigma
+        elif self.prediction == "eps":
             eps, x0 = mean_out, (x - sigma * mean_out) / alpha
         elif self.prediction == "x0":
             eps, x0 = (x - alpha * mean_out) / sigma, mean_out
@@ -256,6 +262,11 @@ class Denoiser:
     def at_sigma(self, x, sigma_ve, x0_prev=None) -> Denoised:
         """The prediction at k-diffusion noise level ``sigma_ve`` (sigma / alpha): the network
         sees x with alpha = 1 / sqrt(1 + sigma_ve^2) and the process time of that level."""
+        if self.prediction == "prev_x":
+            raise ValueError(
+                "a previous-x network (mean_type 'prev_x') predicts x_{t-1} from the table's "
+                "own steps, not between them: sample it with ddpm or ddim"
+            )
         alpha = jax.lax.rsqrt(1.0 + sigma_ve**2)
         return self(x, self.process.t_of_sigma(sigma_ve), alpha, sigma_ve * alpha, x0_prev)
 
@@ -298,7 +309,7 @@ def make_denoiser(
             f"unknown prediction type {prediction!r}; choose one of "
             f"{sorted(set(PREDICTIONS.values()))} (aliases: "
             f"{sorted(k for k in PREDICTIONS if k not in PREDICTIONS.values())}); the "
-            "previous-x mean type ('prev_x') is sampled by ddpm only"
+            "previous-x mean type ('prev_x') is sampled on the table's steps (ddpm, ddim)"
         )
     if thresholding is True:
         thresholding = (0.995, 1.0)

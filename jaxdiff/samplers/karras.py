@@ -199,8 +199,9 @@ class LMSState(NamedTuple):
     s: jnp.ndarray  # [order]: their sigmas
 
 
-# Gauss-Legendre nodes and weights on [-1, 1]: exact for the cubic Lagrange bases of order 4
-_GL_X, _GL_W = (jnp.asarray(a, jnp.float32) for a in np.polynomial.legendre.leggauss(4))
+# Gauss-Legendre nodes and weights on [-1, 1]: exact for the cubic Lagrange bases of order 4;
+# NumPy: importing jaxdiff starts no JAX backend (jax.distributed.initialize must come first)
+_GL_X, _GL_W = (a.astype(np.float32) for a in np.polynomial.legendre.leggauss(4))
 
 
 def lms(order: int = 4) -> Sampler:

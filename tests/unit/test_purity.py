@@ -23,12 +23,23 @@ PKG = pathlib.Path(__file__).resolve().parents[2] / "jaxdiff"
 
 
 def _existing_core():
-    return [m for m in CORE if (PKG / f"{m}.py").exists()]
+    return [m for m in CORE if (PKG / f"{m}.py").exists() or (PKG / m).is_dir()]
 
 
-@pytest.mark.parametrize("module", _existing_core())
-def test_core_module_imports_only_allowed_packages(module):
-    tree = ast.parse((PKG / f"{module}.py").read_text())
+def _core_files():
+    """(name, path) of every core source file; a core package contributes each of its modules."""
+    files = []
+    for m in _existing_core():
+        if (PKG / m).is_dir():
+            files += [(f"{m}/{p.name}", p) for p in sorted((PKG / m).glob("*.py"))]
+        else:
+            files.append((f"{m}.py", PKG / f"{m}.py"))
+    return files
+
+
+@pytest.mark.parametrize(("module", "path"), _core_files(), ids=[n for n, _ in _core_files()])
+def test_core_module_imports_only_allowed_packages(module, path):
+    tree = ast.parse(path.read_text())
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -37,7 +48,7 @@ def test_core_module_imports_only_allowed_packages(module):
             roots.add(node.module.split(".")[0])
     stdlib = set(sys.stdlib_module_names)
     bad = {r for r in roots if r not in stdlib and r not in ALLOWED_THIRD_PARTY}
-    assert not bad, f"jaxdiff/{module}.py imports {sorted(bad)}"
+    assert not bad, f"jaxdiff/{module} imports {sorted(bad)}"
     inner = {r for r in roots if r == "jaxdiff"}
     if inner:
         for node in ast.walk(tree):
@@ -60,6 +71,22 @@ def test_importing_the_core_loads_no_shell_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"core import pulled in: {out.stdout.strip()}"
+
+
+def test_importing_jaxdiff_starts_no_jax_backend():
+    """``jax.distributed.initialize`` must run before any backend starts, so importing any
+    jaxdiff module may not touch a device (a module-level ``jnp`` constant once did)."""
+    mods = sorted({_module_name(p) for p in PKG.rglob("*.py")})
+    code = (
+        "import importlib, sys\n"
+        "from jax._src import xla_bridge\n"
+        f"for m in {mods!r}:\n"
+        "    importlib.import_module(m)\n"
+        "    if xla_bridge.backends_are_initialized():\n"
+        "        sys.exit(f'importing {m} started a JAX backend')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def _module_name(path: pathlib.Path) -> str:
