@@ -21,6 +21,7 @@ import pytest
 
 from jaxdiff import checkpoint, train
 from jaxdiff import workdir as wd
+from tests.slow import _xla_cache
 from tests.slow._multiprocess_worker import config
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,7 @@ def _env(cache: pathlib.Path, devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{_xla_cache.FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),

@@ -224,6 +224,7 @@ def test_a_non_finite_member_is_skipped_alone():
     assert not train.nonfinite_leaves(stacked)
 
 
+@pytest.mark.slow  # about 2 minutes on the 2-core test machine: several U-Net compiles
 def test_diffusion_loss_on_a_unet_equals_single_runs():
     k, num_steps = 3, 3
     coeffs = gaussian.make_coeffs(schedules.get_named_beta_schedule("cosine", 50))

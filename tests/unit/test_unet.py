@@ -304,6 +304,7 @@ def _with_dropout_key(unet, variables, x, t):
     return unet.apply(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(3)})
 
 
+@pytest.mark.slow  # about 2 minutes on the 2-core test machine: two U-Net gradient compiles
 def test_remat_changes_neither_parameters_nor_values_nor_gradients():
     config = {**TINY, "dropout": 0.1, "full_attn": (False, True)}
     plain = unet_from_config(config)
