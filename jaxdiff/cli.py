@@ -309,7 +309,11 @@ def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
     return 0
 
 
-_FLAG_HELP = {"channels": "default: from the images (RGB when any file is in colour)"}
+_FLAG_HELP = {
+    "channels": "default: from the images (RGB when any file is in colour)",
+    "test_fraction": "an image folder's share held out from training, by file name, for bpd "
+    "and eval --split test (default 0: none; the digits have their own split)",
+}
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -462,7 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bpd", parents=[compiles], help="bits/dim of a trained workdir on its test split"
     )
     bpd.add_argument("--workdir", type=Path, required=True)
-    bpd.add_argument("--split", choices=("test", "train", "all"), default="test")
+    bpd.add_argument(
+        "--split",
+        choices=("test", "train", "all"),
+        default="test",
+        help="test: the digits' held-out images, or a folder's (--test-fraction at training)",
+    )
     bpd.add_argument("--batch-size", type=int, default=256)
     bpd.add_argument("--seed", type=int, default=0)
     bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")

@@ -32,6 +32,7 @@ __all__ = [
     "batch_at",
     "batches",
     "digits_split",
+    "folder_split",
     "load_digits",
     "resize_images",
     "steps_per_epoch",
@@ -159,10 +160,29 @@ def digits_split(images8: np.ndarray, test_fraction: float = 0.1) -> np.ndarray:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     raw = np.ascontiguousarray(images8, np.uint8)
+    return _held_out([im.tobytes() for im in raw], test_fraction)
+
+
+def _held_out(keys: Sequence[bytes], fraction: float) -> np.ndarray:
+    """``sha256(key)`` (first 8 bytes, big endian) mod 10000 < 10000 * ``fraction``, per key."""
     buckets = np.array(
-        [int.from_bytes(hashlib.sha256(im.tobytes()).digest()[:8], "big") % 10000 for im in raw]
+        [int.from_bytes(hashlib.sha256(k).digest()[:8], "big") % 10000 for k in keys], np.int64
     )
-    return buckets < round(10000 * test_fraction)
+    return buckets < round(10000 * fraction)
+
+
+def folder_split(relative_paths: Sequence[str], test_fraction: float) -> np.ndarray:
+    """Boolean mask of an image folder's held-out (test) files.
+
+    A file is held out when ``sha256(its path relative to the folder, POSIX, UTF-8)`` (first 8
+    bytes, big endian) mod 10000 < 10000 * ``test_fraction``. It depends on the file's name
+    only, so a file keeps its side when others are added or removed, on every machine and
+    without decoding any image (the same picture saved under two names may fall on both
+    sides). ``test_fraction`` 0 holds out nothing.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    return _held_out([str(path).encode() for path in relative_paths], test_fraction)
 
 
 def load_digits(
@@ -233,7 +253,9 @@ def _open_image(path: pathlib.Path):
 
 
 class ImageFolder:
-    """Every .png/.jpg/.jpeg under ``root`` (recursive, sorted by relative path).
+    """The .png/.jpg/.jpeg files under ``root`` (recursive, sorted by relative path) of one
+    split: ``"all"``, or the ``"train"`` and ``"test"`` sides of :func:`folder_split` at
+    ``test_fraction``.
 
     Class labels (``labels``, int32 [N], and ``class_names``) come from the top-level
     subfolders, sorted by name, when every image lies in one (``root/<class>/...``); otherwise
@@ -246,11 +268,20 @@ class ImageFolder:
     that fails later to decode raises a ValueError naming it as well.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, *, channels: int | None = 3):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        *,
+        channels: int | None = 3,
+        split: str = "all",
+        test_fraction: float = 0.0,
+    ):
         from PIL import Image  # noqa: F401 - fail early when Pillow is missing
 
         if channels is not None:
             _check_choice(channels, (1, 3), "channel count")
+        _check_choice(split, SPLITS, "split")
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
         self.root = pathlib.Path(root)
@@ -277,7 +308,8 @@ class ImageFolder:
         self.detected_channels = max(mode_channels(m) for m in self.modes)
         self.image_size = image_size
         self.channels = self.detected_channels if channels is None else channels
-        # classes: the top-level subfolders (sorted names), when every image lies in one
+        # classes: the top-level subfolders (sorted names), when every image lies in one; from
+        # the whole folder, so that both splits number the classes alike
         parts = [p.relative_to(self.root).parts for p in self.files]
         if all(len(q) > 1 for q in parts):
             self.class_names = tuple(sorted({q[0] for q in parts}))
@@ -285,6 +317,26 @@ class ImageFolder:
             self.labels = np.asarray([index[q[0]] for q in parts], np.int32)
         else:
             self.class_names, self.labels = (), None
+        self.split, self.test_fraction = split, test_fraction
+        held = folder_split(
+            [p.relative_to(self.root).as_posix() for p in self.files], test_fraction
+        )
+        if split != "all":
+            keep = held if split == "test" else ~held
+            if not keep.any():
+                fix = "lower --test-fraction"
+                if split == "test":
+                    fix = (
+                        "train with --test-fraction (e.g. 0.1) to hold some out, or pass "
+                        "--split all (the training images)"
+                    )
+                raise ValueError(
+                    f"image folder {str(self.root)!r} has no {split} images at test_fraction "
+                    f"{test_fraction} ({len(self.files)} files): {fix}"
+                )
+            self.files = tuple(f for f, k in zip(self.files, keep, strict=True) if k)
+            if self.labels is not None:
+                self.labels = self.labels[keep]
 
     @staticmethod
     def _check_header(path: pathlib.Path) -> str:

@@ -235,10 +235,11 @@ def _reference_source(config: Config) -> tuple[str, str]:
     for p in files:
         st = p.stat()
         listing.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    held = f", test fraction {d.test_fraction} held out" if d.test_fraction else ""
     return (
-        "all",
+        "train",
         f"folder {d.folder} at {d.image_size}x{d.image_size}, {wd.num_channels(d)} channels, "
-        f"{len(files)} files (listing {listing.hexdigest()[:12]})",
+        f"{len(files)} files (listing {listing.hexdigest()[:12]}){held}",
     )
 
 
@@ -371,11 +372,12 @@ def evaluate(
     has, per metric, the Fréchet distance against the reference statistics (the run's training
     data, or ``real``: a folder or a statistics ``.npz``), the Inception Score (classifier score
     for the digits metric) and precision/recall (k = 3, over the first 2000 rows of each set).
-    On digits it also has the real-data floor: the held-out test split against the same
-    reference. ``bpd=True`` adds the test bits/dim (:func:`evaluate_bpd`). ``steps`` (default
-    50 for DDIM, T for DDPM), ``respacing``, ``var_type``, ``guidance_scale`` and
-    ``rescaled_phi`` are :func:`jaxdiff.workdir.sample_fn`'s; a class-conditional model draws
-    every class equally often (sample j has class j mod K).
+    On digits, and on a folder with a held-out share (``--test-fraction``), it also has the
+    real-data floor: the held-out test split against the same reference. ``bpd=True`` adds
+    the test bits/dim (:func:`evaluate_bpd`). ``steps`` (default 50 for DDIM, T for DDPM),
+    ``respacing``, ``var_type``, ``guidance_scale`` and ``rescaled_phi`` are
+    :func:`jaxdiff.workdir.sample_fn`'s; a class-conditional model draws every class equally
+    often (sample j has class j mod K).
 
     The result is also merged into ``<workdir>/eval/results.json`` under the checkpoint step and
     the sampling setting, and the first 64 samples are written as a PNG grid next to it.
@@ -441,14 +443,15 @@ def evaluate(
     }
     for e, s, ref in zip(extractors, stats, refs, strict=True):
         result[e.name] = {**features.quality(s, ref), "reference": ref.source}
-    if config.data.dataset == "digits" and real is None:
+    held_out = config.data.dataset == "digits" or config.data.test_fraction > 0
+    if held_out and real is None:
         test = wd.load_dataset(config.data, "test")
         images = test.get(np.arange(len(test)))
         result["mean_pixel_test"] = float(images.mean() / 255.0)
         for e, ref in zip(extractors, refs, strict=True):
             if len(images) > e.dim:
                 s = features.image_statistics(
-                    e, _batches_of(images, batch_size), source="digits test split"
+                    e, _batches_of(images, batch_size), source=f"{config.data.dataset} test split"
                 )
                 result[f"{e.name}_floor"] = features.quality(s, ref)
     if bpd:

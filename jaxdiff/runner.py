@@ -401,7 +401,7 @@ def _workdir_lock(workdir: pathlib.Path, main: bool):
 
 def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) -> train.TrainState:
     run = config.run
-    dataset = wd.load_dataset(config.data, "train" if config.data.dataset == "digits" else "all")
+    dataset = wd.load_dataset(config.data, "train")
     if len(dataset) < run.batch_size:
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than batch_size={run.batch_size}"

@@ -47,12 +47,14 @@ def load_dataset(cfg: DataConfig, split: str):
     if cfg.dataset == "folder":
         if not cfg.folder:
             raise ValueError("dataset 'folder' needs a folder (--data-dir)")
-        if split != "all":
-            raise ValueError(
-                f"an image folder has no held-out {split!r} split: pass --split all, which "
-                "measures the training images themselves"
-            )
-        return data.ImageFolder(cfg.folder, cfg.image_size, channels=num_channels(cfg)).load()
+        folder = data.ImageFolder(
+            cfg.folder,
+            cfg.image_size,
+            channels=num_channels(cfg),
+            split=split,
+            test_fraction=cfg.test_fraction,
+        )
+        return folder.load()
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
 
 

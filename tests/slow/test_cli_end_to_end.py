@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, cli, runner
+from jaxdiff import checkpoint, cli, data, runner
 from jaxdiff import workdir as wd
 from tests.slow import _xla_cache
 
@@ -236,7 +236,11 @@ def test_an_rgb_folder_trains_as_rgb_and_resumes_without_flags(tmp_path):
         Image.fromarray(pixels).save(images / f"c{i % 3}" / f"{i}.png")
     workdir = tmp_path / "run"
     args = ["train", "--workdir", str(workdir), "--data-dir", str(images), *TINY]
-    assert _jaxdiff(*args, "--steps", "2", "--save-every", "2").returncode == 0
+    # 2 of the 12 files held out by name (data.folder_split), 10 to train on
+    held = data.folder_split(sorted(f"c{i % 3}/{i}.png" for i in range(12)), 0.25)
+    assert held.sum() == 2
+    trained = _jaxdiff(*args, "--steps", "2", "--save-every", "2", "--test-fraction", "0.25")
+    assert trained.returncode == 0, trained.stderr
     assert runner.load_config(workdir).data.channels == 3  # detected, and recorded
     resumed = _jaxdiff("train", "--workdir", str(workdir), "--steps", "4")
     assert resumed.returncode == 0, resumed.stderr
@@ -246,6 +250,11 @@ def test_an_rgb_folder_trains_as_rgb_and_resumes_without_flags(tmp_path):
     assert samples.returncode == 0, samples.stderr
     grid = np.load(workdir / "samples" / "ddim2_seed0.npz")["images"]
     assert grid.shape == (2, 8, 8, 3)
+    # bits/dim on the held-out files, named as such
+    bpd = _jaxdiff("bpd", "--workdir", str(workdir), "--split", "test", "--quiet")
+    assert bpd.returncode == 0, bpd.stderr
+    report = json.loads(bpd.stdout)
+    assert report["split"] == "test" and report["images"] == 2
     # an explicit count converts the images, and says so
     gray = _jaxdiff("train", "--workdir", str(tmp_path / "gray"), "--data-dir", str(images),
                     "--channels", "1", "--steps", "1", *TINY)  # fmt: skip

@@ -234,3 +234,48 @@ def test_the_run_records_the_channel_count_and_warns_on_conversion(tmp_path):
     assert channels == 1 and "holds RGB images (1 RGB)" in note and "to grayscale" in note
     channels, note = folder("gray", 3)
     assert channels == 3 and "holds grayscale images (1 L)" in note and "to RGB" in note
+
+
+def test_a_folder_holds_out_a_share_by_file_name(tmp_path):
+    """The held-out split of an image folder: disjoint from training, about the fraction asked,
+    fixed by each file's name (a file keeps its side when others come), labels numbered over
+    the whole folder, and a clear error where a side would be empty."""
+    import dataclasses
+
+    from jaxdiff import config as cfg
+    from jaxdiff import workdir as wd
+
+    for i in range(40):
+        _write(tmp_path / f"c{i % 4}" / f"{i}.png", np.full((8, 8), i, np.uint8))
+    splits = {s: data.ImageFolder(tmp_path, 8, channels=1, split=s, test_fraction=0.25)
+              for s in ("train", "test", "all")}  # fmt: skip
+    names = {s: {p.relative_to(tmp_path).as_posix() for p in f.files} for s, f in splits.items()}
+    assert names["train"].isdisjoint(names["test"])
+    assert names["train"] | names["test"] == names["all"] and len(names["all"]) == 40
+    assert 4 <= len(names["test"]) <= 16  # 10 expected of 40 at 0.25
+    mask = data.folder_split(sorted(names["all"]), 0.25)
+    assert {n for n, m in zip(sorted(names["all"]), mask, strict=True) if m} == names["test"]
+    # labels: the class of each file's subfolder, numbered over the whole folder
+    for f in splits.values():
+        assert f.class_names == ("c0", "c1", "c2", "c3")
+        assert [f.class_names[y] for y in f.labels] == [p.parent.name for p in f.files]
+    # a new file moves no other file across
+    _write(tmp_path / "c0" / "new.png", np.zeros((8, 8), np.uint8))
+    again = data.ImageFolder(tmp_path, 8, channels=1, split="test", test_fraction=0.25)
+    assert names["test"] <= {p.relative_to(tmp_path).as_posix() for p in again.files}
+    assert not data.folder_split(sorted(names["all"]), 0.0).any()
+
+    with pytest.raises(ValueError, match=r"no test images at test_fraction 0.0 .*--test-fraction"):
+        data.ImageFolder(tmp_path, 8, split="test")
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\)"):
+        data.folder_split(["a.png"], 1.0)
+    # the run's configuration: trained on the rest, measured on the held-out share
+    config = cfg.Config(data=cfg.DataConfig(dataset="folder", folder=str(tmp_path), image_size=8,
+                                            channels=1, test_fraction=0.25))  # fmt: skip
+    assert cfg.validate(config) is config
+    assert len(wd.load_dataset(config.data, "test")) == len(again)
+    assert len(wd.load_dataset(config.data, "train")) == 41 - len(again)
+    assert config.identity()["data"]["test_fraction"] == 0.25
+    assert "test_fraction" not in cfg.Config().identity()["data"]  # older workdirs still match
+    with pytest.raises(ValueError, match="the digits have their fixed held-out split"):
+        cfg.validate(dataclasses.replace(config, data=cfg.DataConfig(test_fraction=0.1)))

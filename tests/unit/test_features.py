@@ -185,11 +185,12 @@ def test_a_folder_runs_reference_is_recomputed_when_the_folder_changes(
     assert again.count == 71 and again.source != first.source
 
 
-def test_a_folder_has_no_held_out_split_to_pretend(tmp_path):
+def test_a_folder_without_a_held_out_share_has_no_test_split_to_pretend(train_images, tmp_path):
     from jaxdiff import workdir
     from jaxdiff.config import DataConfig
 
-    cfg = DataConfig(dataset="folder", folder=str(tmp_path), channels=1)
-    for split in ("test", "train"):
-        with pytest.raises(ValueError, match=f"no held-out '{split}' split: pass --split all"):
-            workdir.load_dataset(cfg, split)
+    _write_folder(tmp_path / "imgs", train_images[:3])
+    cfg = DataConfig(dataset="folder", folder=str(tmp_path / "imgs"), channels=1)
+    with pytest.raises(ValueError, match=r"no test images at test_fraction 0.0 .*--split all"):
+        workdir.load_dataset(cfg, "test")
+    assert len(workdir.load_dataset(cfg, "train")) == 3  # trained on every file
