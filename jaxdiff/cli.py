@@ -311,6 +311,8 @@ def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
 
 _FLAG_HELP = {
     "channels": "default: from the images (RGB when any file is in colour)",
+    "tensorboard": "also write TensorBoard event files to WORKDIR/tensorboard (needs "
+    "pip install 'jaxdiff[tensorboard]')",
     "test_fraction": "an image folder's share held out from training, by file name, for bpd "
     "and eval --split test (default 0: none; the digits have their own split)",
 }
@@ -329,7 +331,12 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
             flag = "--" + field.name.replace("_", "-")
             default = field.default
             if isinstance(default, bool):
-                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction)
+                group.add_argument(
+                    flag,
+                    dest=field.name,
+                    action=argparse.BooleanOptionalAction,
+                    help=_FLAG_HELP.get(field.name),
+                )
             elif isinstance(default, tuple):
                 group.add_argument(
                     flag,

@@ -150,6 +150,8 @@ class RunConfig:
     eval_every: int = 500
     eval_num: int = 500
     inception_weights: str | None = None
+    # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl (tensorboardX)
+    tensorboard: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,7 @@ class Config:
             "eval_every",
             "eval_num",
             "inception_weights",
+            "tensorboard",
         ):
             d["run"].pop(name)
         # remat recomputes the same values; float32, the default dtype, is left out so that

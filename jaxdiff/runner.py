@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import signal
@@ -29,10 +28,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import checkpoint, data, evaluation, features, objectives, train
+from jaxdiff import checkpoint, data, evaluation, features, objectives, runlog, train
 from jaxdiff import workdir as wd
 from jaxdiff.config import (
     PRESETS,
@@ -60,12 +58,6 @@ __all__ = [
     "sample_images",
     "train_and_evaluate",
 ]
-
-
-_EVAL_KEYS = (
-    ("digits_fd", "digits Frechet distance of samples during training"),
-    ("fid", "FID of samples during training"),
-)
 
 
 class _TrainingEval:
@@ -133,51 +125,6 @@ class _TrainingEval:
         return values
 
 
-def _panel(draw, box, points, title: str, log_scale: bool) -> None:
-    """A line plot of ``points`` (step, value) inside ``box`` = (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, top - 20), title, fill="black")
-    points = [(x, math.log10(max(y, 1e-12)) if log_scale else y) for x, y in points]
-    if len(points) < 2:
-        return
-    xs, ys = zip(*points, strict=True)
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    y1 = y1 if y1 > y0 else y0 + 1
-
-    def to_px(x, y):
-        px = left + (x - x0) / max(x1 - x0, 1) * (right - left)
-        return px, bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    draw.line([to_px(x, y) for x, y in points], fill=(31, 119, 180), width=2)
-    for x, y in points if len(points) <= 20 else ():
-        px, py = to_px(x, y)
-        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(31, 119, 180))
-    label = (lambda v: f"{10**v:.3g}") if log_scale else (lambda v: f"{v:.3g}")
-    draw.text((left, bottom + 8), f"step {x0}", fill="black")
-    draw.text((right - 70, bottom + 8), f"step {x1}", fill="black")
-    draw.text((left - 46, top), label(y1), fill="black")
-    draw.text((left - 46, bottom - 10), label(y0), fill="black")
-
-
-def _loss_png(metrics_path: pathlib.Path, path: pathlib.Path) -> None:
-    """Plot the training loss (log scale) against the step from metrics.jsonl and, beside it,
-    the Fréchet distance of the evaluations during training (when there are any)."""
-    from PIL import Image, ImageDraw
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-    loss = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    quality = [(k, n) for k, n in _EVAL_KEYS if any(r.get(k) is not None for r in rows)]
-    width, height = (1200 if quality else 640), 400
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    _panel(draw, (60, 30, 620, height - 40), loss, "training loss (log scale)", True)
-    for key, name in quality[:1]:
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        _panel(draw, (680, 30, width - 20, height - 40), points, name, False)
-    img.save(path, format="PNG")
-
-
 class Diverged(ValueError):
     """The loss or a gradient was non-finite for ``max_nonfinite_steps`` consecutive steps."""
 
@@ -200,86 +147,6 @@ class Interrupted(Exception):  # noqa: N818 (a stop request, not an error)
         )
         super().__init__(f"stopped by {name} at step {step}; {what}")
         self.signum, self.step, self.saved, self.latest = signum, step, saved, latest
-
-
-def _truncate_metrics(path: pathlib.Path, keep_through: int | None) -> None:
-    """Keep only the lines up to the restored step: the steps a killed run logged after its
-    last checkpoint are run, and logged, again (and a line torn by the kill is dropped)."""
-    lines = path.read_text().splitlines() if path.exists() and keep_through is not None else []
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= keep_through:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    wd.write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
-_LAST = ("learning_rate", "skipped")  # logged as the window's last value
-
-
-@jax.jit
-def _window_add(window: dict, metrics: dict) -> dict:
-    """Fold one step's metrics into the logging window, on the device (no host sync): sums of
-    the finite values and their counts, the last learning rate, and the decay of the last EMA
-    update (steps where the EMA is left alone have decay 1 and are not updates)."""
-    out = dict(window)
-    for name, value in metrics.items():
-        value = value.astype(jnp.float32)
-        if name in _LAST:
-            out[name] = value
-        elif name == "ema_decay":
-            out[name] = jnp.where(value < 1, value, window[name])
-        else:
-            finite = jnp.isfinite(value)
-            out[name] = window[name] + jnp.where(finite, value, 0.0)
-            out[f"{name}/count"] = window[f"{name}/count"] + finite.astype(jnp.float32)
-    return out
-
-
-def _window_init(metrics_shape: dict, previous: dict | None = None) -> dict:
-    window = {}
-    for name in metrics_shape:
-        if name in _LAST:
-            window[name] = jnp.zeros((), jnp.float32)
-        elif name == "ema_decay":  # carried over: an EMA may update less often than logging
-            window[name] = jnp.ones((), jnp.float32) if previous is None else previous[name]
-        else:
-            window[name] = window[f"{name}/count"] = jnp.zeros((), jnp.float32)
-    return window
-
-
-def _window_values(window: dict) -> dict[str, float]:
-    """The window's means (NaN when no step of it was finite), last and EMA values."""
-    got = {k: float(v) for k, v in jax.device_get(window).items()}
-    out = {}
-    for name, value in got.items():
-        if name.endswith("/count"):
-            continue
-        count = got.get(f"{name}/count")
-        out[name] = value if count is None else (value / count if count else math.nan)
-    return out
-
-
-def _duration(seconds: float) -> str:
-    """``42s``, ``3m05s`` or ``1h02m``."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def _json_line(values: dict) -> str:
-    """One strict-JSON line: a NaN or infinite value is written as null."""
-    clean = {
-        k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()
-    }
-    return json.dumps(clean, allow_nan=False)
 
 
 class _StopSignals:
@@ -401,6 +268,8 @@ def _workdir_lock(workdir: pathlib.Path, main: bool):
 
 def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) -> train.TrainState:
     run = config.run
+    if run.tensorboard and main:
+        runlog.tensorboard_writer()  # a missing tensorboardX is named before anything runs
     dataset = wd.load_dataset(config.data, "train")
     if len(dataset) < run.batch_size:
         raise ValueError(
@@ -439,11 +308,9 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         if start is not None:
             state = ckpt.restore(state, mesh=mesh)
             log(f"resumed from the checkpoint of step {start} in {workdir}")
-        metrics_path = workdir / "metrics.jsonl"
         if main:
             text = json.dumps(config.to_dict(), indent=2) + "\n"
             wd.write_atomic(workdir / "config.json", lambda tmp: tmp.write_text(text))
-            _truncate_metrics(metrics_path, start)
             (workdir / "samples").mkdir(exist_ok=True)
         sample = wd.sample_fn(config, model, run.num_samples, run.sample_steps, 0.0, "ddim")
         sample_key = jax.random.PRNGKey(run.seed + 1)
@@ -464,7 +331,9 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         window_start, window_images = time.perf_counter(), 0
         run_start = window_start
         window = None
-        with open(metrics_path if main else os.devnull, "a") as metrics_file:
+        with runlog.MetricsLog(
+            workdir, write=main, tensorboard=run.tensorboard, start_step=start
+        ) as metrics_log:
             while step < run.steps:
                 batch = data.batch_at(
                     dataset,
@@ -485,8 +354,8 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     compile_start = time.perf_counter()
                 state, metrics = train_step(state, train.shard_batch(batch, mesh))
                 if window is None:
-                    window = _window_init(metrics)
-                window = _window_add(window, metrics)
+                    window = runlog.window_init(metrics)
+                window = runlog.window_add(window, metrics)
                 if first:  # the one host sync outside logging: keeps compilation out of img/s
                     jax.block_until_ready(metrics["loss"])
                     log(f"first step done in {time.perf_counter() - compile_start:.1f} s")
@@ -500,21 +369,20 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     guard.save(state)
                 if step % run.log_every == 0 or step == run.steps:
                     guard.flush()
-                    values = _window_values(window)  # the means over the window's steps
-                    window = _window_init(metrics, window)
+                    values = runlog.window_values(window)  # the means over the window's steps
+                    window = runlog.window_init(metrics, window)
                     elapsed = time.perf_counter() - window_start
                     values["images_per_s"] = window_images / max(elapsed, 1e-9)
                     values.pop("skipped")  # the window's count instead of the last flag
                     values["skipped_steps"] = guard.take_window()
-                    metrics_file.write(_json_line({"step": step, **values}) + "\n")
-                    metrics_file.flush()
+                    metrics_log.write(step, values)
                     done = int(30 * step / max(run.steps, 1))
                     left = (run.steps - step) * run.batch_size / max(values["images_per_s"], 1e-9)
                     log(
                         f"[{'#' * done}{'.' * (30 - done)}] step {step}/{run.steps} "
                         f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s, "
-                        f"{_duration(time.perf_counter() - run_start)} elapsed, "
-                        f"{_duration(left)} left"
+                        f"{runlog.duration(time.perf_counter() - run_start)} elapsed, "
+                        f"{runlog.duration(left)} left"
                     )
                     window_start, window_images = time.perf_counter(), 0
                 paused = time.perf_counter()
@@ -522,8 +390,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     write_samples(step)
                 if quality.due(step, last=step == run.steps):
                     values = quality(step, state.ema_params)
-                    metrics_file.write(_json_line({"step": step, **values}) + "\n")
-                    metrics_file.flush()
+                    metrics_log.write(step, values)
                 window_start += time.perf_counter() - paused  # throughput counts training only
                 # across processes agreeing on a stop is a collective: only at logged steps
                 agree = jax.process_count() == 1 or step % run.log_every == 0
@@ -538,7 +405,9 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
             guard.save(state, force=True)
         write_samples(step)
         if main:
-            wd.write_atomic(workdir / "loss.png", lambda tmp: _loss_png(metrics_path, tmp))
+            wd.write_atomic(
+                workdir / "loss.png", lambda tmp: runlog.loss_png(metrics_log.path, tmp)
+            )
     log(f"done: {workdir} (samples/latest.png, loss.png, metrics.jsonl, checkpoints/)")
     return state
 

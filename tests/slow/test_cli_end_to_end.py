@@ -17,6 +17,7 @@ import pytest
 from jaxdiff import checkpoint, cli, data, runner
 from jaxdiff import workdir as wd
 from tests.slow import _xla_cache
+from tests.unit.test_logging import _scalars
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,7 @@ def _tree_files(path: pathlib.Path) -> dict[str, str]:
 def test_train_sample_bpd(tmp_path):
     workdir = tmp_path / "run"
     args = ["train", "--workdir", str(workdir), "--steps", "6", "--save-every", "3", *TINY]
-    assert cli.main(args + ["--sample-every", "3"]) == 0
+    assert cli.main(args + ["--sample-every", "3", "--tensorboard"]) == 0
     for name in ("config.json", "metrics.jsonl", "loss.png", "samples/latest.png",
                  "samples/step_3.png", "samples/step_6.png"):  # fmt: skip
         assert (workdir / name).is_file(), name
@@ -53,6 +54,11 @@ def test_train_sample_bpd(tmp_path):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    # TensorBoard has the same numbers
+    scalars = _scalars(workdir / "tensorboard")
+    losses = [(step, value) for tag, step, value in scalars if tag == "loss"]
+    assert losses == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+    assert {"grad_norm", "learning_rate", "images_per_s"} <= {tag for tag, _, _ in scalars}
 
     out = tmp_path / "grid"
     assert cli.main(["sample", "--workdir", str(workdir), "--num", "4", "--steps", "3",
