@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +36,7 @@ __all__ = [
     "digits_split",
     "folder_split",
     "load_digits",
+    "prefetch",
     "resize_images",
     "steps_per_epoch",
     "to_uint8",
@@ -499,3 +502,33 @@ def batches(
             order, flips = _epoch_order(seed, epoch, len(dataset))
         yield _assemble(dataset, order, flips, step % per_epoch, batch_size, rows, flip)
         step += 1
+
+
+def prefetch(
+    fn: Callable[[int], object], start: int, stop: int, *, depth: int = 4, workers: int = 2
+) -> Iterator[tuple[int, object]]:
+    """``(step, fn(step))`` for steps ``start, ..., stop - 1`` in order, each computed up to
+    ``depth`` steps ahead by ``workers`` background threads.
+
+    The training loop's input pipeline: ``fn`` is :func:`batch_at` of the run, so an image
+    folder is decoded (Pillow releases the GIL while it decodes and resizes) while the device
+    runs the steps before, and only ``depth`` batches are held at a time, never the folder. An
+    exception raised by ``fn`` is raised here, at its step. A plain thread pool rather than a
+    data-loading library: the batches are a pure function of the step, so order, resumption
+    and process sharding need nothing more.
+    """
+    if depth < 1 or workers < 1:
+        raise ValueError(f"depth and workers must be >= 1, got {depth} and {workers}")
+    with ThreadPoolExecutor(workers, thread_name_prefix="jaxdiff-data") as pool:
+        pending: deque = deque()
+        ahead = start
+        try:
+            while pending or ahead < stop:
+                while ahead < stop and len(pending) < depth:
+                    pending.append((ahead, pool.submit(fn, ahead)))
+                    ahead += 1
+                step, future = pending.popleft()
+                yield step, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()

@@ -258,9 +258,10 @@ def reference_statistics(
     cached in ``cache_dir/reference-<metric>.npz`` when given."""
     split, source = _reference_source(config)
 
-    def batches():
+    def batches():  # decoded a batch at a time: a folder is never held whole
         ds = wd.load_dataset(config.data, split)
-        return _batches_of(ds.get(np.arange(len(ds))), batch_size)
+        return (ds.get(np.arange(lo, min(lo + batch_size, len(ds))))
+                for lo in range(0, len(ds), batch_size))  # fmt: skip
 
     if cache_dir is None:
         return features.image_statistics(extractor, batches(), source=source)

@@ -17,6 +17,7 @@ curve into a workdir, and prints progress. Everything it computes comes from the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -331,20 +332,23 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         window_start, window_images = time.perf_counter(), 0
         run_start = window_start
         window = None
-        with runlog.MetricsLog(
-            workdir, write=main, tensorboard=run.tensorboard, start_step=start
-        ) as metrics_log:
-            while step < run.steps:
-                batch = data.batch_at(
-                    dataset,
-                    step,
-                    run.batch_size,
-                    seed=run.seed,
-                    flip=config.data.flip,
-                    process_index=jax.process_index(),
-                    process_count=jax.process_count(),
-                    labels=conditional,
-                )
+        batch_of = functools.partial(
+            data.batch_at,
+            dataset,
+            batch_size=run.batch_size,
+            seed=run.seed,
+            flip=config.data.flip,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            labels=conditional,
+        )
+        with (
+            runlog.MetricsLog(
+                workdir, write=main, tensorboard=run.tensorboard, start_step=start
+            ) as metrics_log,
+            contextlib.closing(data.prefetch(batch_of, start_step, run.steps)) as batches,
+        ):
+            for _, batch in batches:
                 first = window_images == 0 and step == start_step
                 if first:
                     log(

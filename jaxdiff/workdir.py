@@ -47,14 +47,14 @@ def load_dataset(cfg: DataConfig, split: str):
     if cfg.dataset == "folder":
         if not cfg.folder:
             raise ValueError("dataset 'folder' needs a folder (--data-dir)")
-        folder = data.ImageFolder(
+        # decoded on demand (data.prefetch in training), never held whole in memory
+        return data.ImageFolder(
             cfg.folder,
             cfg.image_size,
             channels=num_channels(cfg),
             split=split,
             test_fraction=cfg.test_fraction,
         )
-        return folder.load()
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
 
 

@@ -279,3 +279,46 @@ def test_a_folder_holds_out_a_share_by_file_name(tmp_path):
     assert "test_fraction" not in cfg.Config().identity()["data"]  # older workdirs still match
     with pytest.raises(ValueError, match="the digits have their fixed held-out split"):
         cfg.validate(dataclasses.replace(config, data=cfg.DataConfig(test_fraction=0.1)))
+
+
+def test_prefetch_yields_every_step_in_order_computed_ahead_and_raises_at_its_step():
+    import threading
+    import time
+
+    seen = []
+
+    def fn(step):
+        seen.append(threading.current_thread().name)
+        time.sleep(0.01 * (step % 3))  # out-of-order completion
+        if step == 7:
+            raise ValueError("cannot read image file 'x.png'")
+        return step * 10
+
+    out = []
+    with pytest.raises(ValueError, match="x.png"):
+        for step, value in data.prefetch(fn, 2, 20, depth=3, workers=2):
+            out.append((step, value))
+    assert out == [(s, s * 10) for s in range(2, 7)]
+    assert all(name.startswith("jaxdiff-data") for name in seen)
+    assert len(seen) <= 7 - 2 + 3  # never more than depth steps ahead
+    assert list(data.prefetch(lambda s: -s, 0, 3)) == [(0, 0), (1, -1), (2, -2)]
+    assert list(data.prefetch(lambda s: s, 5, 5)) == []
+    with pytest.raises(ValueError, match="depth and workers must be >= 1"):
+        list(data.prefetch(lambda s: s, 0, 3, depth=0))
+
+
+def test_training_streams_a_folder_batch_by_batch_with_the_same_batches(tmp_path):
+    """A folder run no longer decodes every image up front: the training dataset is the
+    ImageFolder itself, and its batches equal those of the fully loaded folder."""
+    from jaxdiff import workdir as wd
+    from jaxdiff.config import DataConfig
+
+    for i in range(12):
+        _write(tmp_path / f"{i}.png", np.full((8, 8), 20 * i, np.uint8))
+    cfg = DataConfig(dataset="folder", folder=str(tmp_path), image_size=8, channels=1)
+    streamed = wd.load_dataset(cfg, "train")
+    assert isinstance(streamed, data.ImageFolder)
+    loaded = streamed.load()
+    for step in range(4):
+        a, b = (data.batch_at(d, step, 5, seed=3, flip=True) for d in (streamed, loaded))
+        np.testing.assert_array_equal(a, b)
