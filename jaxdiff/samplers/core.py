@@ -262,11 +262,6 @@ class Denoiser:
     def at_sigma(self, x, sigma_ve, x0_prev=None) -> Denoised:
         """The prediction at k-diffusion noise level ``sigma_ve`` (sigma / alpha): the network
         sees x with alpha = 1 / sqrt(1 + sigma_ve^2) and the process time of that level."""
-        if self.prediction == "prev_x":
-            raise ValueError(
-                "a previous-x network (mean_type 'prev_x') predicts x_{t-1} from the table's "
-                "own steps, not between them: sample it with ddpm or ddim"
-            )
         alpha = jax.lax.rsqrt(1.0 + sigma_ve**2)
         return self(x, self.process.t_of_sigma(sigma_ve), alpha, sigma_ve * alpha, x0_prev)
 
@@ -557,6 +552,12 @@ def sample(
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler must be a samplers.Sampler, got {type(sampler).__name__}")
     check_grid(grid, sampler.name, sampler.reverse)
+    if denoiser.prediction == "prev_x" and sampler.name not in ("ddpm", "ddim", "ddim_reverse"):
+        raise ValueError(
+            f"{sampler.name} needs eps, x0 or v at any noise level; a previous-x network "
+            "(mean_type 'prev_x') predicts x_{t-1} from its table's own steps: sample it with "
+            "ddpm or ddim"
+        )
     n_static = _static(grid.num_steps)
     if n_static is not None and n_static < sampler.min_steps:
         raise ValueError(

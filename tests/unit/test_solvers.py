@@ -151,6 +151,9 @@ def test_guidance_and_learned_variance_work_with_every_solver():
         (lambda: samplers.sample(karras.euler(), samplers.make_denoiser(
             gaussian_eps, C, prediction="prev_x"), X_T, samplers.make_grid(C, 5, "karras")),
          "sample it with ddpm or ddim"),
+        (lambda: samplers.sample(dpm_solver.dpm_solver_multistep(2), samplers.make_denoiser(
+            gaussian_eps, C, prediction="prev_x"), X_T, samplers.make_grid(C, 5, "linspace")),
+         r"dpm_solver.*previous-x network"),
         (lambda: samplers.sample(samplers.ddim(), samplers.make_denoiser(
             gaussian_eps, schedules.log_snr_schedule("cosine"), prediction="prev_x"), X_T,
             samplers.make_grid(schedules.log_snr_schedule("cosine"), 5, "linspace")),
