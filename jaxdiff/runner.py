@@ -10,6 +10,7 @@ curve into a workdir, and prints progress. Everything it computes comes from the
     config.json           the run's configuration (the CLI reads it back)
     checkpoints/<step>/   Orbax checkpoints (the newest ``keep``)
     metrics.jsonl         one JSON line per logged step (means over the steps since the last)
+    tensorboard/          the same numbers as TensorBoard scalars (with --tensorboard)
     samples/step_<n>.png  sample grids of the EMA model; samples/latest.png
     loss.png              the loss curve
 """
