@@ -321,10 +321,10 @@ class ImageFolder:
         else:
             self.class_names, self.labels = (), None
         self.split, self.test_fraction = split, test_fraction
-        held = folder_split(
-            [p.relative_to(self.root).as_posix() for p in self.files], test_fraction
-        )
         if split != "all":
+            held = folder_split(
+                [p.relative_to(self.root).as_posix() for p in self.files], test_fraction
+            )
             keep = held if split == "test" else ~held
             if not keep.any():
                 fix = "lower --test-fraction"
