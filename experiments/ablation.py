@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -51,8 +52,10 @@ def _config(preset: str, schedule: str, steps: int, seed: int) -> cfg.Config:
     )
 
 
-def train_members(configs: list[cfg.Config], log) -> tuple[list[train.TrainState], float]:
-    """Train one member per config (they differ only in run.seed) in one ensemble program."""
+def train_members(configs: list[cfg.Config], log) -> tuple[list[train.TrainState], float, float]:
+    """Train one member per config (they differ only in run.seed) in one ensemble program;
+    return the states, the wall seconds and the process CPU seconds (which a busy machine
+    inflates less than the wall time)."""
     first = configs[0]
     model = wd.build_model(first)
     optimizer = wd.build_optimizer(first)
@@ -72,7 +75,7 @@ def train_members(configs: list[cfg.Config], log) -> tuple[list[train.TrainState
     )
     dataset = data.load_digits(first.data.image_size, split="train")
     run = first.run
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for step in range(run.steps):
         batch = np.stack(
             [data.batch_at(dataset, step, run.batch_size, seed=c.run.seed) for c in configs]
@@ -82,7 +85,8 @@ def train_members(configs: list[cfg.Config], log) -> tuple[list[train.TrainState
             loss = np.asarray(metrics["loss"])
             log(f"  step {step + 1}/{run.steps} loss {np.round(loss, 4).tolist()}")
     jax.block_until_ready(state)
-    return ensemble.unstack_states(state), time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return ensemble.unstack_states(state), wall, cpu
 
 
 def save_workdir(config: cfg.Config, state: train.TrainState, workdir: pathlib.Path) -> None:
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
             preset = RECIPES[recipe]
             configs = [_config(preset, schedule, args.steps, s) for s in seeds]
             log(f"{recipe}, {schedule}: training {len(seeds)} seeds as one ensemble")
-            states, seconds = train_members(configs, log)
+            states, seconds, cpu_seconds = train_members(configs, log)
             members = []
             for config, state in zip(configs, states, strict=True):
                 name = f"{preset}-{schedule}-seed{config.run.seed}"
@@ -175,6 +179,8 @@ def main(argv=None) -> int:
                 )  # fmt: skip
             rows.append({"recipe": recipe, "schedule": schedule, "preset": preset,
                          "steps": args.steps, "train_seconds": round(seconds, 1),
+                         "train_cpu_seconds": round(cpu_seconds, 1),
+                         "load_average": round(os.getloadavg()[0], 2),
                          "members": members})  # fmt: skip
             args.out.parent.mkdir(parents=True, exist_ok=True)
             machine = f"{platform.machine()}, {jax.device_count()} {jax.devices()[0].platform}"

@@ -214,6 +214,7 @@ def _sample(args: argparse.Namespace) -> int:
             var_type=args.var_type,
             cols=cols,
             grid=args.grid,
+            show_progress=not args.quiet,
         )
     except ValueError as error:
         return _fail("sample", error)
@@ -467,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     sample.add_argument("--out", type=Path, help="output path without suffix (.png and .npz)")
     sample.add_argument("--force", action="store_true", help="replace existing output files")
+    sample.add_argument("--quiet", action="store_true", help="no progress (stderr)")
     sample.set_defaults(run=_sample)
 
     bpd = commands.add_parser(

@@ -10,6 +10,7 @@ change.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import data, features, likelihood
+from jaxdiff import data, features, likelihood, progress
 from jaxdiff import workdir as wd
 from jaxdiff.compilation import compiler_options
 from jaxdiff.config import Config
@@ -61,11 +62,13 @@ def sample_images(
     var_type: str | None = None,
     cols: int | None = None,
     grid: str | None = None,
+    show_progress: bool = False,
 ) -> np.ndarray:
     """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid, ``cols``
     per row) and the uint8 array next to it (.npz, with the labels of a conditional model).
     Returns the images. The options are :func:`jaxdiff.workdir.sample_fn`'s; ``labels`` [num]
-    is required for a class-conditional model and refused for an unconditional one."""
+    is required for a class-conditional model and refused for an unconditional one.
+    ``show_progress`` shows the network calls done on stderr (a bar on a terminal)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     out = pathlib.Path(out)
@@ -78,6 +81,7 @@ def sample_images(
     wd.check_labels(config, labels, guidance_scale)
     if labels is not None and np.shape(labels) != (num,):
         raise ValueError(f"labels must have shape [{num}], got {np.shape(labels)}")
+    shown: list = []  # the bar, made once the sampler knows its number of calls
     run = wd.sample_fn(
         config,
         model,
@@ -85,6 +89,7 @@ def sample_images(
         steps,
         eta,
         sampler,
+        on_call=(lambda: shown[0].update(1)) if show_progress else None,
         respacing=respacing,
         var_type=var_type,
         guidance_scale=guidance_scale,
@@ -92,7 +97,11 @@ def sample_images(
         grid=grid,
     )
     y = None if labels is None else jnp.asarray(labels, jnp.int32)
-    raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed), 0, y))
+    if show_progress:
+        shown.append(progress.Progress(run.calls, desc="sample", unit="network call"))
+        shown[0].write(f"sampling {num} images, {run.calls} network calls; compiling first")
+    with shown[0] if shown else contextlib.nullcontext():
+        raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed), 0, y))
     wd.refuse_nonfinite(raw, "the samples", int(state.step))
     images = wd.to_uint8(raw)
     out.parent.mkdir(parents=True, exist_ok=True)

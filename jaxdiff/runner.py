@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdiff import checkpoint, data, evaluation, features, objectives, runlog, train
+from jaxdiff import checkpoint, data, evaluation, features, objectives, progress, runlog, train
 from jaxdiff import workdir as wd
 from jaxdiff.config import (
     PRESETS,
@@ -191,6 +191,7 @@ def train_and_evaluate(
     *,
     log: Callable[[str], None] | None = None,
     restore_step: int | None = None,
+    bar: bool | None = None,
 ) -> train.TrainState:
     """Train (or resume) the run of ``config`` in ``workdir`` to ``config.run.steps`` steps.
 
@@ -215,6 +216,8 @@ def train_and_evaluate(
     * ``metrics.jsonl`` is strict JSON (a non-finite value is null), and every other file is
       replaced atomically.
     """
+    # a progress bar on a terminal (when nobody else takes the lines), else a line per window
+    bar = (log is None and progress.interactive()) if bar is None else bar
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
     run = config.run
@@ -240,7 +243,7 @@ def train_and_evaluate(
             f"({d.dataset} {d.image_size}x{d.image_size}) on {jax.device_count()} "
             f"{jax.devices()[0].platform} device(s)"
         )
-        return _train_locked(config, workdir, log, main, stop)
+        return _train_locked(config, workdir, log, main, stop, bar and main)
 
 
 @contextlib.contextmanager
@@ -268,7 +271,9 @@ def _workdir_lock(workdir: pathlib.Path, main: bool):
         lock.release()
 
 
-def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) -> train.TrainState:
+def _train_locked(
+    config: Config, workdir: pathlib.Path, log, main: bool, stop, bar: bool
+) -> train.TrainState:
     run = config.run
     if run.tensorboard and main:
         runlog.tensorboard_writer()  # a missing tensorboardX is named before anything runs
@@ -293,6 +298,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
         grad_accum_steps=config.optim.grad_accum_steps,
         mesh=mesh,
     )
+    log("initialising the network (compiled once; a later run loads it from the cache)")
     state = wd.initial_state(config, model, optimizer, mesh)
     conditional = config.model.num_classes is not None
     if conditional:
@@ -328,6 +334,9 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                 wd.write_atomic(path, lambda tmp: wd.grid_png(images, tmp, cols))
 
         step = start_step = int(state.step)
+        shown = progress.Progress(run.steps, desc="train", initial=start_step, bar=True)
+        shown = shown if bar else None
+        log = shown.write if shown else log  # lines above the bar
         quality = _TrainingEval(config, model, workdir, main, log)
         guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)
         window_start, window_images = time.perf_counter(), 0
@@ -348,6 +357,7 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                 workdir, write=main, tensorboard=run.tensorboard, start_step=start
             ) as metrics_log,
             contextlib.closing(data.prefetch(batch_of, start_step, run.steps)) as batches,
+            shown or contextlib.nullcontext(),
         ):
             for _, batch in batches:
                 first = window_images == 0 and step == start_step
@@ -367,6 +377,8 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     window_start, window_images = time.perf_counter(), -run.batch_size
                 step += 1
                 window_images += run.batch_size
+                if shown is not None:
+                    shown.update(1)
                 # reads the previous step's flag, which is ready by now: no stall per step
                 guard.record(step, metrics["skipped"])
                 if step % run.save_every == 0 or guard.save_pending:
@@ -381,14 +393,10 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
                     values.pop("skipped")  # the window's count instead of the last flag
                     values["skipped_steps"] = guard.take_window()
                     metrics_log.write(step, values)
-                    done = int(30 * step / max(run.steps, 1))
-                    left = (run.steps - step) * run.batch_size / max(values["images_per_s"], 1e-9)
-                    log(
-                        f"[{'#' * done}{'.' * (30 - done)}] step {step}/{run.steps} "
-                        f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s, "
-                        f"{runlog.duration(time.perf_counter() - run_start)} elapsed, "
-                        f"{runlog.duration(left)} left"
-                    )
+                    if shown is not None:
+                        shown.update(0, loss=values["loss"], img_s=round(values["images_per_s"]))
+                    else:
+                        _progress_line(log, step, run, values, time.perf_counter() - run_start)
                     window_start, window_images = time.perf_counter(), 0
                 paused = time.perf_counter()
                 if step % run.sample_every == 0:
@@ -415,6 +423,17 @@ def _train_locked(config: Config, workdir: pathlib.Path, log, main: bool, stop) 
             )
     log(f"done: {workdir} (samples/latest.png, loss.png, metrics.jsonl, checkpoints/)")
     return state
+
+
+def _progress_line(log, step: int, run, values: dict, elapsed: float) -> None:
+    """The plain progress line of a logging window (when stderr is not a terminal)."""
+    done = int(30 * step / max(run.steps, 1))
+    left = (run.steps - step) * run.batch_size / max(values["images_per_s"], 1e-9)
+    log(
+        f"[{'#' * done}{'.' * (30 - done)}] step {step}/{run.steps} "
+        f"loss {values['loss']:.4f} {values['images_per_s']:.0f} img/s, "
+        f"{runlog.duration(elapsed)} elapsed, {runlog.duration(left)} left"
+    )
 
 
 class _NonFiniteGuard:
