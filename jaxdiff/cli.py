@@ -236,6 +236,7 @@ def _bpd(args: argparse.Namespace) -> int:
             tails=args.tails,
             var_type=args.var_type,
             log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
+            num=args.num,
         )
     except ValueError as error:
         return _fail("bpd", error)
@@ -482,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="test: the digits' held-out images, or a folder's (--test-fraction at training)",
     )
     bpd.add_argument("--batch-size", type=int, default=256)
+    bpd.add_argument("--num", type=int, help="only the first N images of the split (default: all)")
     bpd.add_argument("--seed", type=int, default=0)
     bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     bpd.add_argument("--at-init", action="store_true", help="evaluate the untrained network")

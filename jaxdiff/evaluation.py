@@ -122,6 +122,7 @@ def evaluate_bpd(
     tails: str = "exact",
     var_type: str | None = None,
     log: Callable[[str], None] | None = None,
+    num: int | None = None,
 ) -> dict[str, Any]:
     """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
     per batch) with the model's own variance: a learned one, or its fixed one (``var_type``
@@ -130,7 +131,9 @@ def evaluate_bpd(
     likelihood). ``at_init`` evaluates the untrained network instead; ``tails="reference"``
     computes the decoder term with the references' float32 arithmetic
     (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`). ``log`` receives a
-    progress line per batch (images done, elapsed time, the time left)."""
+    progress line per batch (images done, elapsed time, the time left). ``num`` evaluates the
+    first ``num`` images of the split only (improved-diffusion's ``image_nll.py --num_samples``;
+    the output's ``images`` says how many)."""
     likelihood.check_tails(tails)
     config, model, state = wd.restored(workdir, step, at_init=at_init)
     if config.diffusion.loss == "continuous":
@@ -140,9 +143,13 @@ def evaluate_bpd(
         )
     var_type = wd.sampling_var_type(config, var_type)
     dataset = wd.load_dataset(config.data, split)
-    images = data.to_unit_range(dataset.get(np.arange(len(dataset))))
+    if num is not None and num < 1:
+        raise ValueError(f"--num must be at least 1, got {num}")
+    count = len(dataset) if num is None else min(num, len(dataset))
+    images = data.to_unit_range(dataset.get(np.arange(count)))
     conditional = config.model.num_classes is not None
-    labels = data.dataset_labels(dataset) if conditional else np.zeros(len(images), np.int32)
+    labels = (data.dataset_labels(dataset)[:count] if conditional
+              else np.zeros(count, np.int32))  # fmt: skip
     # The decoder term needs a finite variance at t = 0: improved-diffusion's beta-tilde_1, not
     # denoising-diffusion-pytorch's floor of 1e-20 (which only sampling, where t = 0 adds no
     # noise, can afford).

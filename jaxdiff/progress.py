@@ -26,7 +26,8 @@ class Progress:
 
     ``update(n, **numbers)`` adds ``n`` units and shows ``numbers`` (loss, img/s) beside the
     count; ``write(message)`` prints a line without breaking the bar. ``bar=None`` picks a bar
-    for a terminal and plain lines otherwise."""
+    for a terminal and plain lines otherwise. The clock (elapsed time, rate, time left) starts
+    at the first unit done: the compilation before it counts as neither."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class Progress:
         self.start = self._last = time.perf_counter()
         self.initial = initial
         self.numbers: dict[str, str] = {}
+        self._started = False
         self._bar = None
         if interactive(self.stream) if bar is None else bar:
             from tqdm import tqdm
@@ -60,6 +62,12 @@ class Progress:
             )
 
     def update(self, n: int = 1, **numbers) -> None:
+        if n and not self._started:  # the clock starts here: compiling is not progress
+            self._started = True
+            self.start = self._last = time.perf_counter()
+            self.initial = self.done + n  # the rate counts the units after the clock started
+            if self._bar is not None:
+                self._bar.unpause()
         self.done += n
         if numbers:
             self.numbers = {k: _fmt(v) for k, v in numbers.items()}

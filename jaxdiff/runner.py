@@ -334,8 +334,9 @@ def _train_locked(
                 wd.write_atomic(path, lambda tmp: wd.grid_png(images, tmp, cols))
 
         step = start_step = int(state.step)
-        shown = progress.Progress(run.steps, desc="train", initial=start_step, bar=True)
-        shown = shown if bar else None
+        shown = None
+        if bar:
+            shown = progress.Progress(run.steps, desc="train", initial=start_step, bar=True)
         log = shown.write if shown else log  # lines above the bar
         quality = _TrainingEval(config, model, workdir, main, log)
         guard = _NonFiniteGuard(run.max_nonfinite_steps, ckpt, log)

@@ -34,9 +34,11 @@ def test_plain_lines_are_rate_limited_and_always_end_with_the_last():
 def test_plain_lines_show_the_numbers_and_the_time_left():
     out = io.StringIO()
     p = progress.Progress(4, desc="train", stream=out, every=0.0, initial=1)
-    p.update(1, loss=0.123456, img_s=250)
-    assert out.getvalue().startswith("train: 2/4 steps, loss 0.1235, img_s 250, ")
-    assert "left" in out.getvalue()
+    p.update(1, loss=0.123456, img_s=250)  # the clock starts: no rate, no time left yet
+    p.update(1)
+    first, second = out.getvalue().splitlines()
+    assert first.startswith("train: 2/4 steps, loss 0.1235, img_s 250, ") and "left" not in first
+    assert second.startswith("train: 3/4 steps, loss 0.1235") and second.endswith("s left")
     unknown = io.StringIO()
     progress.Progress(None, desc="x", stream=unknown, every=0.0).update(3)
     assert unknown.getvalue().startswith("x: 3 steps, ") and "left" not in unknown.getvalue()
