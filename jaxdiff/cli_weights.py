@@ -48,8 +48,11 @@ def export_command(args: argparse.Namespace) -> int:
     try:
         _, model, state = wd.restored(args.workdir, args.step, finite=args.which == "ema")
         variables = state.ema_params if args.which == "ema" else state.params
+        openai = isinstance(model, wd.LabelledUNetModel)
         if out.suffix == ".msgpack":
             convert.save_flax_params(variables, out, overwrite=args.force)
+        elif openai:
+            _save_openai(variables, out, model.net, args.force)
         else:
             save = (
                 convert.save_torch_checkpoint
@@ -61,6 +64,13 @@ def export_command(args: argparse.Namespace) -> int:
         from jaxdiff.cli import _fail
 
         return _fail("export", error)
+    if openai and out.suffix != ".msgpack":
+        kwargs = json.dumps({k: v for k, v in model.net.config().items() if k != "layout"})
+        print(
+            f"wrote {out}: the {args.which} weights of step {int(state.step)}; guided-diffusion's "
+            f"UNetModel(**{kwargs}) loads it"
+        )
+        return 0
     # the reference Unet's arguments that differ from its defaults (dim, num_classes required)
     required = {k: getattr(model, k) for k in ("dim", "num_classes") if hasattr(model, k)}
     defaults = type(model)(**required).config()
@@ -75,6 +85,19 @@ def export_command(args: argparse.Namespace) -> int:
         else f"wrote {out}: the {args.which} weights of step {int(state.step)} (Flax params)"
     )
     return 0
+
+
+def _save_openai(variables, out: Path, net, overwrite: bool) -> None:
+    """An openai UNetModel's weights as the state_dict its repositories load (.pt or .npz)."""
+    import numpy as np
+
+    from jaxdiff import convert, convert_openai
+
+    state = convert_openai.params_to_openai_state_dict(variables, net)
+    if out.suffix == ".pt":
+        convert_openai.save_openai_pt(out, state, overwrite=overwrite)
+    else:
+        convert._write_atomic(out, overwrite, lambda f: np.savez(f, **state))
 
 
 def convert_command(args: argparse.Namespace) -> int:

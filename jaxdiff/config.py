@@ -39,9 +39,14 @@ SAMPLER_GRIDS = ("linspace", "leading", "trailing", "karras", "exponential")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net (denoising-diffusion-pytorch ``Unet`` options, and jaxdiff's execution
-    options ``dtype``, the computation dtype, and ``remat``)."""
+    """The network: ``arch`` "lucid" is denoising-diffusion-pytorch's ``Unet`` (its options
+    below), "openai" is improved/guided-diffusion's ``UNetModel`` (``dim`` is its
+    ``model_channels``, ``dim_mults`` its ``channel_mult``, ``dropout`` and ``num_classes`` are
+    shared, the ``num_res_blocks`` ... ``use_new_attention_order`` fields are its own, with
+    ``attention_resolutions`` in pixels as its scripts take them); jaxdiff's execution options
+    ``dtype``, the computation dtype, and ``remat``."""
 
+    arch: str = "lucid"
     dim: int = 16
     dim_mults: tuple[int, ...] = (1, 2, 2)
     dropout: float = 0.0
@@ -59,6 +64,15 @@ class ModelConfig:
     # (the null class), which classifier-free guidance needs
     num_classes: int | None = None
     cond_drop_prob: float = 0.5
+    # openai's UNetModel (arch "openai"): its script_util options, attention where the feature
+    # map is one of these sizes in pixels
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    num_heads: int = 4
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
     dtype: str = "float32"
     remat: bool = False
 
@@ -141,7 +155,7 @@ class RunConfig:
     save_every: int = 250
     keep: int = 3
     log_every: int = 50
-    sample_every: int = 500
+    sample_every: int = 500  # 0: never
     num_samples: int = 64
     sample_steps: int = 50
     max_nonfinite_steps: int = 20
@@ -207,6 +221,26 @@ class Config:
         return d
 
 
+# the ModelConfig fields of openai's UNetModel alone, and those of the lucid Unet alone
+OPENAI_FIELDS = (
+    "num_res_blocks",
+    "attention_resolutions",
+    "num_heads",
+    "num_head_channels",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+)
+LUCID_FIELDS = (
+    "attn_heads",
+    "attn_dim_head",
+    "learned_sinusoidal_cond",
+    "random_fourier_features",
+    "learned_sinusoidal_dim",
+    "num_mem_kv",
+    "self_condition",
+)
+
 _ADDED = {
     "model": (
         "learned_sinusoidal_cond",
@@ -216,6 +250,8 @@ _ADDED = {
         "self_condition",
         "num_classes",
         "cond_drop_prob",
+        "arch",
+        *OPENAI_FIELDS,
     ),
     "diffusion": (
         "loss",
@@ -242,6 +278,9 @@ PRESET_HELP: dict[str, str] = {
     "digits-continuous": "digits with the continuous-time process (cosine log-SNR), v prediction",
     "digits-cond": "class-conditional digits (10 classes, labels dropped with probability 0.2 "
     "for classifier-free guidance)",
+    "digits-openai": "digits with openai's UNetModel (model_channels 32, channel_mult 1,2,2, "
+    "one ResBlock per level, attention at 8x8 and 4x4, scale-shift norm) and improved DDPM's "
+    "L_hybrid (learned-range variance, rescaled_mse, cosine)",
     "digits32": "the digits at 32x32, Unet dim 32 (1, 2, 2, 2), 8000 steps of 32",
 }
 
@@ -261,6 +300,12 @@ PRESETS: dict[str, Config] = {
     ),
     "digits-continuous": Config(diffusion=DiffusionConfig(loss="continuous", objective="v")),
     "digits-cond": Config(model=ModelConfig(num_classes=10, cond_drop_prob=0.2)),
+    "digits-openai": Config(
+        model=ModelConfig(arch="openai", dim=32, num_res_blocks=1, attention_resolutions=(8, 4)),
+        diffusion=DiffusionConfig(
+            loss="openai", var_type="learned_range", loss_type="rescaled_mse"
+        ),
+    ),
     "digits32": Config(
         model=ModelConfig(dim=32, dim_mults=(1, 2, 2, 2)),
         data=DataConfig(image_size=32),
@@ -285,6 +330,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "lr_decay": ("constant", "cosine", "linear"),
         "dtype": ("float32", "bfloat16", "float16"),
         "dataset": ("digits", "folder"),
+        "arch": ("lucid", "openai"),
     }
 
 
@@ -351,15 +397,31 @@ def validate(config: Config) -> Config:
         not d.rescale_timesteps or d.loss != "continuous",
         "rescale_timesteps is an option of the discrete process",
     )
+    if m.arch == "openai":
+        _validate_openai(m, config.data.image_size, need)
+    else:
+        changed = [f for f in OPENAI_FIELDS if getattr(m, f) != getattr(ModelConfig(), f)]
+        need(
+            not changed,
+            f"{', '.join(changed)}: options of openai's UNetModel; pass --arch openai "
+            "(or leave them out)",
+        )
     if m.num_classes is not None:
         need(m.num_classes >= 1, f"num_classes must be >= 1, got {m.num_classes}")
         need(not m.self_condition, "the class-conditional Unet has no self-conditioning")
-        need(m.dropout == 0, "the class-conditional Unet has no dropout option (--dropout 0)")
+        need(
+            m.dropout == 0 or m.arch == "openai",
+            "the class-conditional Unet has no dropout option (--dropout 0)",
+        )
         need(m.num_mem_kv == 4, "the class-conditional Unet has no num_mem_kv option")
     need(
         0.0 <= m.cond_drop_prob <= 1.0, f"cond_drop_prob must be in [0, 1], got {m.cond_drop_prob}"
     )
     need(r.lr > 0, f"lr must be > 0, got {r.lr}")
+    for name in ("save_every", "log_every"):
+        need(getattr(r, name) >= 1, f"{name} must be >= 1, got {getattr(r, name)}")
+    for name in ("sample_every", "eval_every"):
+        need(getattr(r, name) >= 0, f"{name} must be >= 0 (0: never), got {getattr(r, name)}")
     need(
         o.weight_decay == 0 or o.optimizer == "adamw",
         f"weight_decay {o.weight_decay} needs --optimizer adamw (Adam has no decoupled decay)",
@@ -386,6 +448,44 @@ def validate(config: Config) -> Config:
         "need ema_update_every >= 1 and ema_update_after_step >= 0",
     )
     return config
+
+
+def _validate_openai(m: ModelConfig, image_size: int, need) -> None:
+    """The ModelConfig of openai's UNetModel (``arch="openai"``): no lucid-only option, a
+    valid attention and head layout, and no label dropout (the network has no null class)."""
+    changed = [f for f in LUCID_FIELDS if getattr(m, f) != getattr(ModelConfig(), f)]
+    need(
+        not changed,
+        f"{', '.join(changed)}: options of the lucid Unet, which openai's UNetModel (--arch "
+        "openai) does not have; leave them out",
+    )
+    need(not m.remat, "remat is an option of the lucid Unet; openai's UNetModel has none yet")
+    narrow = [w for w in (int(f * m.dim) for f in m.dim_mults) if w <= 0 or w % 32]
+    need(
+        not narrow,
+        f"openai's UNetModel normalises with GroupNorm(32): every level's width dim * dim_mult "
+        f"must be a multiple of 32, got {narrow} (dim {m.dim}, dim_mults {list(m.dim_mults)}); "
+        "try --dim 32",
+    )
+    need(m.num_res_blocks >= 1, f"num_res_blocks must be >= 1, got {m.num_res_blocks}")
+    need(
+        m.num_heads >= 1 or m.num_head_channels > 0,
+        f"num_heads must be >= 1 (or num_head_channels > 0), got {m.num_heads}",
+    )
+    sizes = {image_size // 2**i for i in range(len(m.dim_mults))}
+    unused = sorted(set(m.attention_resolutions) - sizes, reverse=True)
+    need(
+        not unused,
+        f"attention_resolutions {list(m.attention_resolutions)}: no level of this network has "
+        f"a feature map of size {unused} (the sizes are {sorted(sizes, reverse=True)} for "
+        f"image_size {image_size} and {len(m.dim_mults)} levels)",
+    )
+    need(
+        m.num_classes is None or m.cond_drop_prob == 0,
+        "openai's UNetModel has no null class, so it cannot drop labels for classifier-free "
+        "guidance: pass --cond-drop-prob 0 (guided-diffusion trains its class-conditional "
+        "models without label dropout and guides them with a noisy classifier)",
+    )
 
 
 def _checked(where: str, value, hint):

@@ -400,7 +400,7 @@ def _train_locked(
                         _progress_line(log, step, run, values, time.perf_counter() - run_start)
                     window_start, window_images = time.perf_counter(), 0
                 paused = time.perf_counter()
-                if step % run.sample_every == 0:
+                if run.sample_every and step % run.sample_every == 0:
                     write_samples(step)
                 if quality.due(step, last=step == run.steps):
                     values = quality(step, state.ema_params)

@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -94,10 +95,58 @@ def resolve_channels(config: Config) -> tuple[Config, str | None]:
     return dataclasses.replace(config, data=data_cfg), note
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelledUNetModel:
+    """openai's ``UNetModel`` with the batch's ``label`` as its class input ``y`` (jaxdiff's
+    networks take their conditioning as ``label=``); ``init`` and ``apply`` as the module's."""
+
+    net: Any
+
+    def init(self, rngs, x, t, label=None, **kwargs):
+        return self.net.init(rngs, x, t, label, **kwargs)
+
+    def apply(self, variables, x, t, label=None, **kwargs):
+        return self.net.apply(variables, x, t, label, **kwargs)
+
+
+def build_openai_model(config: Config) -> LabelledUNetModel:
+    """openai's ``UNetModel`` of an ``arch="openai"`` run (see :class:`ModelConfig`)."""
+    from jaxdiff.models.openai_unet import UNetModel
+
+    m, d = config.model, config.diffusion
+    channels = num_channels(config.data)
+    learned = d.var_type in ("learned", "learned_range")
+    return LabelledUNetModel(
+        UNetModel(
+            in_channels=channels,
+            model_channels=m.dim,
+            out_channels=2 * channels if learned else channels,
+            num_res_blocks=m.num_res_blocks,
+            # script_util's conversion: a size in pixels to the level's down-sampling rate
+            attention_resolutions=tuple(
+                config.data.image_size // r for r in m.attention_resolutions
+            ),
+            dropout=m.dropout,
+            channel_mult=tuple(m.dim_mults),
+            num_classes=m.num_classes,
+            num_heads=m.num_heads,
+            num_head_channels=m.num_head_channels,
+            use_scale_shift_norm=m.use_scale_shift_norm,
+            resblock_updown=m.resblock_updown,
+            use_new_attention_order=m.use_new_attention_order,
+            image_size=config.data.image_size,
+            dtype=None if m.dtype == "float32" else m.dtype,
+        )
+    )
+
+
 def build_model(config: Config):
     """The run's network: jaxdiff's ``Unet``, or its ``ClassConditionalUnet`` when
-    ``model.num_classes`` is set; a learned variance doubles the output channels."""
+    ``model.num_classes`` is set, or openai's ``UNetModel`` with ``arch="openai"``; a learned
+    variance doubles the output channels."""
     m, d = config.model, config.diffusion
+    if m.arch == "openai":
+        return build_openai_model(config)
     common = dict(
         dim=m.dim,
         dim_mults=tuple(m.dim_mults),

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, cli
+from jaxdiff import checkpoint, cli, convert_openai
 from jaxdiff import config as cfg
 from jaxdiff import workdir as wd
 from tests.slow._xla_cache import CACHE
@@ -25,6 +25,13 @@ RECIPES = {
     "vlb_importance": ["--preset", "digits-vlb"],
     "continuous_v_preset": ["--preset", "digits-continuous"],
     "class_conditional": ["--preset", "digits-cond"],
+    # openai's UNetModel: the preset (L_hybrid), and class-conditional with its other options
+    "openai_preset": ["--preset", "digits-openai", "--dim", "32", "--attention-resolutions", "4"],
+    "openai_class_conditional": [
+        "--arch", "openai", "--dim", "32", "--num-res-blocks", "1", "--attention-resolutions",
+        "8,4", "--num-classes", "10", "--cond-drop-prob", "0", "--resblock-updown",
+        "--use-new-attention-order", "--num-head-channels", "16", "--dropout", "0.1",
+    ],
     "learned_kl": ["--loss", "openai", "--var-type", "learned", "--loss-type", "kl"],
     "prev_x_fixed_large": [
         "--loss", "openai", "--objective", "prev_x", "--var-type", "fixed_large",
@@ -96,7 +103,8 @@ def test_recipe_trains_resumes_samples_and_evaluates(tmp_path, recipe):
         assert all(0 <= lr < config.run.lr for lr in lrs)
 
     conditional = config.model.num_classes is not None
-    label = ["--class", "3", "--guidance-scale", "3"] if conditional else []
+    openai = config.model.arch == "openai"
+    label = ["--class", "3"] + ([] if openai else ["--guidance-scale", "3"]) if conditional else []
     for sampler in (["--sampler", "ddim", "--steps", "3"], ["--sampler", "ddpm", "--steps", "5"]):
         out = tmp_path / f"s_{sampler[1]}"
         result = _jaxdiff("sample", "--workdir", str(straight), "--num", "4", "--out", str(out),
@@ -105,7 +113,16 @@ def test_recipe_trains_resumes_samples_and_evaluates(tmp_path, recipe):
         images = np.load(out.with_suffix(".npz"))["images"]
         assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
 
-    if conditional:  # exports as the reference's class-conditional Unet
+    if openai:  # exports as the state_dict of guided-diffusion's UNetModel
+        result = _jaxdiff("export", "--workdir", str(straight), "--out", str(tmp_path / "e.npz"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "guided-diffusion's UNetModel(**" in result.stdout
+        _, model, state = wd.restored(straight, None)
+        exported = dict(np.load(tmp_path / "e.npz"))
+        back = convert_openai.openai_state_dict_to_params(exported, model.net)
+        for x, y in zip(_leaves(back), _leaves(state.ema_params), strict=True):
+            np.testing.assert_array_equal(x, y)
+    elif conditional:  # exports as the reference's class-conditional Unet
         result = _jaxdiff("export", "--workdir", str(straight), "--out", str(tmp_path / "e.npz"))
         assert result.returncode == 0, result.stderr[-3000:]
         assert "classifier_free_guidance.Unet(**" in result.stdout and '"num_classes": 10' in (
@@ -133,6 +150,26 @@ def test_bad_recipe_flags_are_named_before_anything_runs(tmp_path):
         (["--grad-accum-steps", "3"], "not divisible by grad_accum_steps"),
         (["--num-classes", "10", "--self-condition"], "no self-conditioning"),
         (["--loss", "nope"], "invalid choice"),
+        (["--arch", "openai", "--dim", "16"], "multiple of 32"),
+        (
+            [
+                "--arch",
+                "openai",
+                "--dim",
+                "32",
+                "--attention-resolutions",
+                "4",
+                "--num-classes",
+                "10",
+            ],
+            "--cond-drop-prob 0",
+        ),
+        (
+            ["--arch", "openai", "--dim", "32", "--attention-resolutions", "4", "--self-condition"],
+            "options of the lucid Unet",
+        ),
+        (["--num-res-blocks", "3"], "pass --arch openai"),
+        (["--arch", "openai", "--dim", "32", "--attention-resolutions", "16"], "no level"),
     ]
     for flags, message in cases:
         result = _jaxdiff("train", "--workdir", str(workdir), *TINY, *flags)

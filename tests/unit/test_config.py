@@ -109,3 +109,48 @@ def test_every_preset_is_described_in_the_help(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for name in PRESETS:
         assert f"{name}, " in out
+
+
+def test_openai_arch_builds_the_unet_model_and_leaves_lucid_identities_alone():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import workdir as wd
+
+    # workdirs written before the option keep matching: a lucid config names no openai field
+    model_keys = set(PRESETS["digits"].identity()["model"])
+    assert "arch" not in model_keys and "num_res_blocks" not in model_keys
+    config = PRESETS["digits-openai"]
+    assert config.identity()["model"]["arch"] == "openai"
+    model = wd.build_model(config)
+    net = model.net
+    # 16x16 images: attention at 8x8 and 4x4 is at down-sampling rates 2 and 4
+    assert net.attention_resolutions == (2, 4)
+    assert (net.model_channels, net.channel_mult, net.num_res_blocks) == (32, (1, 2, 2), 1)
+    assert net.out_channels == 2  # learned range variance of a grayscale image
+    labelled = wd.build_model(config_from_dict({"model": {"num_classes": 3, "cond_drop_prob": 0.0}},
+                                               config))  # fmt: skip
+    x, t = jnp.zeros((2, 16, 16, 1)), jnp.array([0, 5])
+    variables = labelled.init(jax.random.PRNGKey(0), x, t, label=jnp.array([0, 2]))
+    assert "label_emb" in variables["params"]
+    out = labelled.apply(variables, x, t, label=jnp.array([0, 2]))
+    assert out.shape == (2, 16, 16, 2)
+    with pytest.raises(ValueError, match="class"):
+        labelled.apply(variables, x, t)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"model": {"arch": "openai", "dim": 48}}, "multiple of 32"),
+        ({"model": {"arch": "openai", "dim": 32, "num_classes": 4}}, "--cond-drop-prob 0"),
+        ({"model": {"arch": "openai", "dim": 32, "num_mem_kv": 2}}, "num_mem_kv"),
+        ({"model": {"arch": "openai", "dim": 32, "attention_resolutions": [32]}}, "no level"),
+        ({"model": {"arch": "openai", "dim": 32, "remat": True}}, "remat"),
+        ({"model": {"use_new_attention_order": True}}, "--arch openai"),
+        ({"model": {"arch": "flax"}}, "one of"),
+    ],
+)
+def test_openai_arch_options_are_checked(values, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(values)
