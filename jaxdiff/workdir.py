@@ -10,7 +10,6 @@ import math
 import os
 import pathlib
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,14 @@ from jaxdiff import checkpoint, data, gaussian, objectives, samplers, train
 from jaxdiff import config as config_module
 from jaxdiff.compilation import compiler_options
 from jaxdiff.config import Config, DataConfig, DiffusionConfig, load_config
-from jaxdiff.models import Unet
+
+# the run's network, re-exported here where training and evaluation look for it
+from jaxdiff.networks import (  # noqa: F401
+    LabelledUNetModel,
+    build_model,
+    build_openai_model,
+    num_channels,
+)
 
 __all__ = [
     "build_coeffs",
@@ -59,16 +65,6 @@ def load_dataset(cfg: DataConfig, split: str):
     raise ValueError(f"unknown dataset {cfg.dataset!r}; choose 'digits' or 'folder'")
 
 
-def num_channels(cfg: DataConfig) -> int:
-    """The run's channel count: 1 for digits, else ``cfg.channels`` or, when that is None, the
-    folder's (see :func:`resolve_channels`)."""
-    if cfg.dataset == "digits":
-        return 1
-    if cfg.channels is None:
-        return data.ImageFolder(cfg.folder, cfg.image_size, channels=None).channels
-    return cfg.channels
-
-
 def resolve_channels(config: Config) -> tuple[Config, str | None]:
     """``config`` with ``data.channels`` filled in (1 for digits; a folder's from its images),
     and a warning when an explicit count converts the images (RGB files read as grayscale, or
@@ -93,82 +89,6 @@ def resolve_channels(config: Config) -> tuple[Config, str | None]:
         return config, None  # load_dataset names the problem
     data_cfg = dataclasses.replace(cfg, channels=channels)
     return dataclasses.replace(config, data=data_cfg), note
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelledUNetModel:
-    """openai's ``UNetModel`` with the batch's ``label`` as its class input ``y`` (jaxdiff's
-    networks take their conditioning as ``label=``); ``init`` and ``apply`` as the module's."""
-
-    net: Any
-
-    def init(self, rngs, x, t, label=None, **kwargs):
-        return self.net.init(rngs, x, t, label, **kwargs)
-
-    def apply(self, variables, x, t, label=None, **kwargs):
-        return self.net.apply(variables, x, t, label, **kwargs)
-
-
-def build_openai_model(config: Config) -> LabelledUNetModel:
-    """openai's ``UNetModel`` of an ``arch="openai"`` run (see :class:`ModelConfig`)."""
-    from jaxdiff.models.openai_unet import UNetModel
-
-    m, d = config.model, config.diffusion
-    channels = num_channels(config.data)
-    learned = d.var_type in ("learned", "learned_range")
-    return LabelledUNetModel(
-        UNetModel(
-            in_channels=channels,
-            model_channels=m.dim,
-            out_channels=2 * channels if learned else channels,
-            num_res_blocks=m.num_res_blocks,
-            # script_util's conversion: a size in pixels to the level's down-sampling rate
-            attention_resolutions=tuple(
-                config.data.image_size // r for r in m.attention_resolutions
-            ),
-            dropout=m.dropout,
-            channel_mult=tuple(m.dim_mults),
-            num_classes=m.num_classes,
-            num_heads=m.num_heads,
-            num_head_channels=m.num_head_channels,
-            use_scale_shift_norm=m.use_scale_shift_norm,
-            resblock_updown=m.resblock_updown,
-            use_new_attention_order=m.use_new_attention_order,
-            image_size=config.data.image_size,
-            dtype=None if m.dtype == "float32" else m.dtype,
-        )
-    )
-
-
-def build_model(config: Config):
-    """The run's network: jaxdiff's ``Unet``, or its ``ClassConditionalUnet`` when
-    ``model.num_classes`` is set, or openai's ``UNetModel`` with ``arch="openai"``; a learned
-    variance doubles the output channels."""
-    m, d = config.model, config.diffusion
-    if m.arch == "openai":
-        return build_openai_model(config)
-    common = dict(
-        dim=m.dim,
-        dim_mults=tuple(m.dim_mults),
-        channels=num_channels(config.data),
-        learned_variance=d.var_type in ("learned", "learned_range"),
-        learned_sinusoidal_cond=m.learned_sinusoidal_cond,
-        random_fourier_features=m.random_fourier_features,
-        learned_sinusoidal_dim=m.learned_sinusoidal_dim,
-        attn_heads=m.attn_heads,
-        attn_dim_head=m.attn_dim_head,
-        dtype=None if m.dtype == "float32" else m.dtype,
-        remat=m.remat,
-    )
-    if m.num_classes is not None:
-        from jaxdiff.models import ClassConditionalUnet
-
-        return ClassConditionalUnet(
-            num_classes=m.num_classes, cond_drop_prob=m.cond_drop_prob, **common
-        )
-    return Unet(
-        dropout=m.dropout, num_mem_kv=m.num_mem_kv, self_condition=m.self_condition, **common
-    )
 
 
 def build_coeffs(
@@ -394,8 +314,10 @@ def sample_fn(
     remove_parallel_component: bool = True,
     grid: str | None = None,
     on_call: Callable[[], None] | None = None,
+    classifier: tuple[Callable, float] | None = None,
 ):
-    """A jitted ``run(params, key, first=0, labels=None) -> [num, H, W, C]`` sampler of the
+    """A jitted ``run(params, key, first=0, labels=None, classifier_params=None) -> [num, H,
+    W, C]`` sampler of the
     run's process; ``run.calls`` is its number of network calls (one per step for DDPM, DDIM
     and the continuous sampler; ``Sampler.calls`` per step for a fast solver), and
     ``on_call()``, when given, runs on the host after each of them (a progress bar; it keeps
@@ -421,7 +343,12 @@ def sample_fn(
     Sample j of the whole set (``first`` is the index of this batch's first sample) starts from
     the noise ``normal(fold_in(key, j))``, so a deterministic sampler (DDIM with eta 0) gives
     each sample the same value in any batch size; the noise added along the way (DDPM, eta > 0)
-    is drawn per batch from ``fold_in(key, -1 - first)``."""
+    is drawn per batch from ``fold_in(key, -1 - first)``.
+
+    ``classifier`` = ``(apply_fn, scale)`` guides a class-conditional model with a noisy
+    classifier ``apply_fn(classifier_params, x, time) -> logits`` (Dhariwal & Nichol 2021:
+    :func:`jaxdiff.guidance.classifier_cond_fn`, the labels' log-probability gradient times
+    ``scale``), as guided-diffusion's ``classifier_sample.py``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
     if grid is not None and sampler not in SOLVERS:
@@ -466,11 +393,13 @@ def sample_fn(
         respacing = str(steps)
     c = None if continuous_time else objectives.process_coeffs(d, None, respacing)
     learned = var_type in ("learned", "learned_range")
+    if classifier is not None and not conditional:
+        raise ValueError("classifier guidance needs a class-conditional model (its labels)")
     options = {"mean_type": d.objective, "var_type": var_type}
     options["self_condition"] = config.model.self_condition
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
-    def run(params, key, first=0, labels=None):
+    def run(params, key, first=0, labels=None, classifier_params=None):
         rows = jnp.asarray(first, jnp.int32) + jnp.arange(num, dtype=jnp.int32)
         x_T = jax.vmap(
             lambda j: jax.random.normal(jax.random.fold_in(key, j), (size, size, channels))
@@ -501,6 +430,13 @@ def sample_fn(
                 )
         else:
             fn = model_fn
+        cond_fn = None
+        if classifier is not None:
+            apply_classifier, scale = classifier
+            guide = samplers.classifier_cond_fn(
+                lambda x, t: apply_classifier(classifier_params, x, t), scale
+            )
+            cond_fn = functools.partial(guide, y=y)
 
         # uint32 data: -1 - first wraps to 2**32 - 1 - first, apart from every row index j
         noise_key = jax.random.fold_in(key, jnp.uint32(2**32 - 1) - jnp.uint32(first))
@@ -508,6 +444,7 @@ def sample_fn(
             denoiser = samplers.make_denoiser(
                 fn, process, prediction=d.objective, learned_variance=learned,
                 clip_denoised=True, self_condition=config.model.self_condition,
+                cond_fn=cond_fn,
             )  # fmt: skip
             out = samplers.sample(solver, denoiser, x_T, solver_grid, key=noise_key)
         elif continuous_time:
@@ -522,11 +459,13 @@ def sample_fn(
                 key=noise_key,
             )
         elif sampler == "ddpm":
-            out = samplers.ddpm_sample(fn, c, x_T, key=noise_key, **options)
+            out = samplers.ddpm_sample(fn, c, x_T, key=noise_key, cond_fn=cond_fn, **options)
         else:
             count = steps if respacing is None else c.num_timesteps
             grid = samplers.ddim_grid(c.num_timesteps, count)
-            out = samplers.ddim_sample(fn, c, x_T, grid=grid, eta=eta, key=noise_key, **options)
+            out = samplers.ddim_sample(
+                fn, c, x_T, grid=grid, eta=eta, key=noise_key, cond_fn=cond_fn, **options
+            )
         return out.sample
 
     if solver is not None:

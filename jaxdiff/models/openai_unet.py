@@ -39,6 +39,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.models.layers import _apply_dtype, _compute_dtype, _is_int
 from jaxdiff.models.openai_layers import (
@@ -352,15 +353,21 @@ class UNetModel(_OpenAIBase):
                 f"the network is class-conditional (num_classes={self.num_classes}): pass y, "
                 "an integer array [B] of labels"
             )
-        y = jnp.asarray(y)
-        if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"y must be an integer array [B] = [{batch}], got {y.dtype}{y.shape}")
         if not isinstance(y, jax.core.Tracer):
-            low, high = int(jnp.min(y)), int(jnp.max(y))
+            # read concrete labels on the host: jnp.min would be staged inside a caller's scan
+            host = np.asarray(y)
+            if host.shape != (batch,) or not np.issubdtype(host.dtype, np.integer):
+                raise ValueError(
+                    f"y must be an integer array [B] = [{batch}], got {host.dtype}{host.shape}"
+                )
+            low, high = int(host.min()), int(host.max())
             if low < 0 or high >= self.num_classes:
                 raise ValueError(
                     f"y values must be in [0, {self.num_classes}), got min {low}, max {high}"
                 )
+        y = jnp.asarray(y)
+        if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
+            raise ValueError(f"y must be an integer array [B] = [{batch}], got {y.dtype}{y.shape}")
         return y
 
     def _forward(self, x, t, y, train: bool):

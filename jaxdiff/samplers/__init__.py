@@ -16,7 +16,7 @@ Grids: :func:`make_grid` by name (linspace, leading, trailing, karras, exponenti
 grids with a possibly traced step count).
 """
 
-from jaxdiff.guidance import guided_model_fn
+from jaxdiff.guidance import classifier_cond_fn, guided_model_fn
 from jaxdiff.samplers import dpm_solver, karras, unipc
 from jaxdiff.samplers.ancestral import (
     TimeGrid,
@@ -58,6 +58,7 @@ __all__ = [
     "SampleOutput",
     "Sampler",
     "TimeGrid",
+    "classifier_cond_fn",
     "ddim",
     "ddim_grid",
     "ddim_reverse",

@@ -90,6 +90,8 @@ def test_upstream_code_reproduces_every_fixture(tmp_path):
         "inception.npz",
         "metrics.npz",
         "openai_unet.npz",
+        "openai_script.npz",
+        "openai_sampling.npz",
     }
     own.update(SOLVER_FIXTURES)
     written = sorted(p.name for p in tmp_path.glob("*.npz"))
