@@ -4,6 +4,7 @@
     jaxdiff train --workdir W [--steps N]    # continue W with W/config.json
     jaxdiff sample --workdir runs/digits [--sampler ddim|ddpm] [--steps 50] [--eta 0] [--num 64]
     jaxdiff bpd --workdir runs/digits [--split test] [--at-init]
+    jaxdiff sample|bpd --openai-checkpoint FILE --openai-layout improved|guided --openai-flags ...
     jaxdiff eval --workdir runs/digits [--num 1000] [--sampler ddim] [--steps 50] [--metric auto]
     jaxdiff eval --real FOLDER_OR_NPZ [FOLDER_OR_NPZ] [--save-stats FILE] --inception-weights FILE
     jaxdiff export --workdir runs/digits --out model.pt [--step N] [--which ema|model]
@@ -31,7 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxdiff import cli_weights
+from jaxdiff import cli_evaluate, cli_weights
 
 CACHE_ENV = "JAXDIFF_COMPILATION_CACHE"
 
@@ -167,150 +168,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from jaxdiff import config as cfg
-    from jaxdiff import evaluation
-    from jaxdiff import workdir as wd
-
-    try:
-        config = cfg.load_config(args.workdir)
-        steps = wd.resolve_steps(config, args.sampler, args.steps)
-        name = wd.sampler_name(config, args.sampler, steps, args.respacing, args.grid)
-        labels, cols, num = None, None, args.num
-        if args.label is not None:
-            k = config.model.num_classes
-            if args.label == "all" and k is not None:
-                per = args.num if args.num != 64 else 8
-                labels, cols, num = np.repeat(np.arange(k), per), per, k * per
-                name += "_classes"
-            else:
-                try:
-                    label = int(args.label)
-                except ValueError:
-                    raise ValueError(
-                        f"--class takes a class number or all, got {args.label!r}"
-                    ) from None
-                labels = np.full(num, label)
-                name += f"_class{label}"
-        if args.guidance_scale is not None:
-            name += f"_w{args.guidance_scale:g}"
-        out = args.out or Path(args.workdir) / "samples" / f"{name}_seed{args.seed}"
-        evaluation.sample_images(
-            args.workdir,
-            out,
-            num=num,
-            sampler=args.sampler,
-            steps=steps,
-            eta=args.eta,
-            seed=args.seed,
-            step=args.step,
-            overwrite=args.force,
-            labels=labels,
-            guidance_scale=args.guidance_scale,
-            rescaled_phi=args.rescaled_phi,
-            respacing=args.respacing,
-            var_type=args.var_type,
-            cols=cols,
-            grid=args.grid,
-            show_progress=not args.quiet,
-        )
-    except ValueError as error:
-        return _fail("sample", error)
-    print(f"wrote {Path(out).with_suffix('.png')} and {Path(out).with_suffix('.npz')}")
-    return 0
-
-
-def _bpd(args: argparse.Namespace) -> int:
-    from jaxdiff import evaluation
-
-    try:
-        result = evaluation.evaluate_bpd(
-            args.workdir,
-            split=args.split,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            step=args.step,
-            at_init=args.at_init,
-            tails=args.tails,
-            var_type=args.var_type,
-            log=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True),
-            num=args.num,
-        )
-    except ValueError as error:
-        return _fail("bpd", error)
-    print(json.dumps(result))
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from jaxdiff import evaluation, features
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    try:
-        if args.workdir is None:
-            return _eval_real(args, evaluation, features)
-        if args.real and len(args.real) > 1:
-            raise ValueError("with --workdir, --real takes one folder or statistics file")
-        result = evaluation.evaluate(
-            args.workdir,
-            num=args.num,
-            sampler=args.sampler,
-            steps=args.steps,
-            eta=args.eta,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            step=args.step,
-            metric=args.metric,
-            inception_weights=args.inception_weights,
-            real=args.real[0] if args.real else None,
-            at_init=args.at_init,
-            bpd=args.bpd,
-            respacing=args.respacing,
-            var_type=args.var_type,
-            guidance_scale=args.guidance_scale,
-            rescaled_phi=args.rescaled_phi,
-            log=log if not args.quiet else None,
-            grid=args.grid,
-        )
-    except ValueError as error:
-        return _fail("eval", error)
-    print(evaluation.format_table(result), file=sys.stderr)
-    print(json.dumps(result))
-    return 0
-
-
-def _eval_real(args: argparse.Namespace, evaluation, features) -> int:
-    """``--real A [B]``: statistics of A (saved with --save-stats), or the metrics of A against
-    B, as pytorch-fid's command does."""
-    if not args.real:
-        raise ValueError("give --workdir W (a trained run) or --real FOLDER [FOLDER]")
-    if len(args.real) > 2:
-        raise ValueError(f"--real takes one or two folders or .npz files, got {len(args.real)}")
-    metric = "fid" if args.metric == "auto" else args.metric
-    if metric not in ("fid", "digits"):
-        raise ValueError(f"--real compares with one metric: 'fid' or 'digits', not {metric!r}")
-    if args.save_stats and args.save_stats.exists() and not args.force:
-        raise ValueError(f"{str(args.save_stats)!r} exists; pass --force to replace it")
-    extractor = (
-        features.inception_extractor(args.inception_weights)
-        if metric == "fid"
-        else features.digits_extractor()
-    )
-    stats = [evaluation.real_statistics(p, extractor, args.batch_size) for p in args.real]
-    if args.save_stats:
-        features.save_statistics(stats[0], args.save_stats)
-        print(f"wrote {args.save_stats} ({stats[0].count} images)", file=sys.stderr)
-    if len(stats) == 2:
-        print(json.dumps({extractor.name: features.quality(stats[0], stats[1])}))
-    elif not args.save_stats:
-        raise ValueError("with one --real, pass --save-stats FILE (or a second --real to compare)")
-    return 0
-
-
 _FLAG_HELP = {
     "channels": "default: from the images (RGB when any file is in colour)",
     "tensorboard": "also write TensorBoard event files to WORKDIR/tensorboard (needs "
@@ -362,49 +219,6 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 )
 
 
-_VAR_HELP = (
-    "the model's own variance by default; a fixed-variance model may use fixed_small or fixed_large"
-)
-
-
-def _sampling_flags(parser: argparse.ArgumentParser) -> None:
-    from jaxdiff.config import SAMPLER_GRIDS, SAMPLERS
-
-    parser.add_argument(
-        "--sampler",
-        choices=SAMPLERS,
-        default="ddim",
-        help="ddim, ddpm, or a fast solver: DPM-Solver++ (dpmpp-*), UniPC (unipc-*), "
-        "k-diffusion's Karras samplers (euler, euler-a, heun, dpm2, lms)",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        help="default 50 for DDIM, T for DDPM (fewer: the chain respaced to N steps), 20 for a "
-        "fast solver (heun and dpm2 call the network twice per step)",
-    )
-    parser.add_argument(
-        "--grid",
-        choices=SAMPLER_GRIDS,
-        help="a fast solver's grid: timestep spacing or noise levels (default linspace for "
-        "DPM-Solver and UniPC, karras for the Karras samplers)",
-    )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
-    parser.add_argument(
-        "--respacing",
-        help="improved-diffusion's timestep_respacing, e.g. ddim50 or 250 or 10,15,20",
-    )
-    parser.add_argument("--var-type", help=_VAR_HELP)
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        help="classifier-free guidance of a class-conditional model (1: conditional, no guidance)",
-    )
-    parser.add_argument(
-        "--rescaled-phi", type=float, default=0.0, help="guidance rescaling phi in [0, 1]"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -450,93 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_flags(train)
     train.set_defaults(run=_train)
-
-    sample = commands.add_parser(
-        "sample", parents=[compiles], help="sample images from a trained workdir"
-    )
-    sample.add_argument("--workdir", type=Path, required=True)
-    _sampling_flags(sample)
-    sample.add_argument(
-        "--num", type=int, default=64, help="images (with --class all: per class, default 8)"
-    )
-    sample.add_argument(
-        "--class",
-        dest="label",
-        metavar="N|all",
-        help="the class of a class-conditional model (all: one row per class)",
-    )
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    sample.add_argument("--out", type=Path, help="output path without suffix (.png and .npz)")
-    sample.add_argument("--force", action="store_true", help="replace existing output files")
-    sample.add_argument("--quiet", action="store_true", help="no progress (stderr)")
-    sample.set_defaults(run=_sample)
-
-    bpd = commands.add_parser(
-        "bpd", parents=[compiles], help="bits/dim of a trained workdir on its test split"
-    )
-    bpd.add_argument("--workdir", type=Path, required=True)
-    bpd.add_argument(
-        "--split",
-        choices=("test", "train", "all"),
-        default="test",
-        help="test: the digits' held-out images, or a folder's (--test-fraction at training)",
-    )
-    bpd.add_argument("--batch-size", type=int, default=256)
-    bpd.add_argument("--num", type=int, help="only the first N images of the split (default: all)")
-    bpd.add_argument("--seed", type=int, default=0)
-    bpd.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    bpd.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
-    bpd.add_argument("--quiet", action="store_true", help="no progress lines (stderr)")
-    bpd.add_argument("--var-type", help=_VAR_HELP)
-    bpd.add_argument(
-        "--tails",
-        choices=("exact", "reference"),
-        default="exact",
-        help="decoder tail probabilities: exact (default) or the references' float32 arithmetic",
-    )
-    bpd.set_defaults(run=_bpd)
-
-    ev = commands.add_parser(
-        "eval",
-        parents=[compiles],
-        help="sample-quality metrics of a trained workdir (digits metric, FID), or of folders",
-        description="Sample N images from a workdir's EMA weights and measure them: the digits "
-        "metric on digits (Fréchet distance of the shipped classifier's features, its "
-        "classifier score, precision/recall; no download), FID when Inception weights are "
-        "given. Prints a table and JSON; results go to <workdir>/eval/results.json. With --real "
-        "and no workdir: the statistics of a folder (--save-stats) or the FID of two folders.",
-    )
-    ev.add_argument("--workdir", type=Path)
-    ev.add_argument("--num", type=int, default=1000, help="samples to draw (default 1000)")
-    _sampling_flags(ev)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=250)
-    ev.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    ev.add_argument(
-        "--metric",
-        choices=("auto", "digits", "fid", "all"),
-        default="auto",
-        help="auto: the digits metric on digits, FID elsewhere; all: both",
-    )
-    ev.add_argument(
-        "--inception-weights",
-        metavar="FILE",
-        help="FID's Inception weights (.pth or .npz; default $JAXDIFF_INCEPTION_WEIGHTS)",
-    )
-    ev.add_argument(
-        "--real",
-        nargs="+",
-        metavar="PATH",
-        help="image folder or statistics .npz: the reference of a workdir's samples, or (without "
-        "--workdir) the sets to compare",
-    )
-    ev.add_argument("--save-stats", type=Path, metavar="FILE", help="write --real's statistics")
-    ev.add_argument("--at-init", action="store_true", help="evaluate the untrained network")
-    ev.add_argument("--bpd", action="store_true", help="also the test bits/dim (slow)")
-    ev.add_argument("--quiet", action="store_true", help="no progress lines")
-    ev.add_argument("--force", action="store_true", help="replace an existing --save-stats file")
-    ev.set_defaults(run=_eval)
+    cli_evaluate.add_commands(commands, compiles)
 
     export = commands.add_parser(
         "export",

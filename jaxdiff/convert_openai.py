@@ -45,6 +45,7 @@ from jaxdiff.convert import (
     _PT_EXPECTED,
     _corrupt,
     _listed,
+    _read_npz_file,
     _read_torch_file,
     _unwrap_params,
     _write_atomic,
@@ -56,6 +57,7 @@ from jaxdiff.models.openai_unet import EncoderUNetModel, SuperResModel, UNetMode
 __all__ = [
     "KeyMapEntry",
     "load_openai_pt",
+    "load_openai_state_dict",
     "openai_key_map",
     "openai_state_dict_to_params",
     "params_to_openai_state_dict",
@@ -318,3 +320,12 @@ def save_openai_pt(
         k: torch.from_numpy(np.ascontiguousarray(to_numpy(v))) for k, v in state_dict.items()
     }
     return _write_atomic(Path(path), overwrite, lambda f: torch.save(tensors, f))
+
+
+def load_openai_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An openai network's state_dict from a ``.npz`` of its arrays (numpy only, as ``jaxdiff
+    export`` writes it) or a ``.pt`` (any other suffix; :func:`load_openai_pt`, needs torch).
+    Raises FileNotFoundError or a one-line ValueError naming the file, as those readers do."""
+    if Path(path).suffix == ".npz":
+        return _read_npz_file(path)
+    return load_openai_pt(path)

@@ -45,7 +45,7 @@ SAMPLERS = wd.SAMPLERS
 
 
 def sample_images(
-    workdir: str | os.PathLike,
+    workdir,
     out: str | os.PathLike,
     *,
     num: int = 64,
@@ -63,29 +63,59 @@ def sample_images(
     cols: int | None = None,
     grid: str | None = None,
     show_progress: bool = False,
+    batch_size: int | None = None,
+    classifier=None,
+    classifier_scale: float = 1.0,
+    npz_keys: tuple[str, str] = ("images", "labels"),
 ) -> np.ndarray:
-    """Sample ``num`` images from a workdir's EMA weights; write ``out`` (.png grid, ``cols``
-    per row) and the uint8 array next to it (.npz, with the labels of a conditional model).
-    Returns the images. The options are :func:`jaxdiff.workdir.sample_fn`'s; ``labels`` [num]
-    is required for a class-conditional model and refused for an unconditional one.
+    """Sample ``num`` images from a workdir's EMA weights (or a :class:`jaxdiff.workdir.Loaded`
+    network, e.g. an openai checkpoint); write ``out`` (.png grid, ``cols`` per row) and the
+    uint8 array next to it (.npz, under ``npz_keys``, with the labels of a conditional or
+    classifier-guided model). Returns the images. The options are
+    :func:`jaxdiff.workdir.sample_fn`'s; ``labels`` [num] is required for a class-conditional
+    model and refused for an unconditional one (unless a ``classifier``, a
+    :class:`jaxdiff.pretrained.Classifier`, guides it at ``classifier_scale``; default labels:
+    sample j has class j mod K). ``batch_size`` samples that many at a time (default: all;
+    sample j's result does not depend on it for a deterministic sampler).
     ``show_progress`` shows the network calls done on stderr (a bar on a terminal)."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    batch = num if batch_size is None else batch_size
+    if batch < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch}")
+    batch = min(batch, num)
     out = pathlib.Path(out)
     targets = [out.with_suffix(".png"), out.with_suffix(".npz")]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
         raise ValueError(f"{existing} exist; pass --force to replace them")
-    config, model, state = wd.restored(workdir, step)
+    config, model, params, at_step = wd.loaded(workdir, step)
     steps = wd.resolve_steps(config, sampler, steps)
-    wd.check_labels(config, labels, guidance_scale)
+    guide = None
+    if classifier is not None:
+        if classifier.image_size != config.data.image_size:
+            raise ValueError(
+                f"the classifier takes {classifier.image_size}x{classifier.image_size} images, "
+                f"the model makes {config.data.image_size}x{config.data.image_size}: pass the "
+                "classifier of the model's image size (--image_size in --classifier-flags)"
+            )
+        guide = (classifier.apply, classifier_scale, classifier.num_classes)
+        if labels is not None:
+            labels = np.asarray(labels)
+            k = config.model.num_classes or classifier.num_classes
+            if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= k:
+                raise ValueError(f"class labels must be integers in [0, {k}) for the classifier")
+        elif config.model.num_classes is None:
+            labels = np.arange(num) % classifier.num_classes
+    if guide is None or config.model.num_classes is not None:
+        wd.check_labels(config, labels, guidance_scale)
     if labels is not None and np.shape(labels) != (num,):
         raise ValueError(f"labels must have shape [{num}], got {np.shape(labels)}")
     shown: list = []  # the bar, made once the sampler knows its number of calls
     run = wd.sample_fn(
         config,
         model,
-        num,
+        batch,
         steps,
         eta,
         sampler,
@@ -95,24 +125,36 @@ def sample_images(
         guidance_scale=guidance_scale,
         rescaled_phi=rescaled_phi,
         grid=grid,
+        classifier=guide,
     )
-    y = None if labels is None else jnp.asarray(labels, jnp.int32)
+    batches = -(-num // batch)
+    # the last batch runs whole (one compiled program) and is cut to num
+    padded = None if labels is None else np.resize(np.asarray(labels, np.int32), batches * batch)
     if show_progress:
-        shown.append(progress.Progress(run.calls, desc="sample", unit="network call"))
-        shown[0].write(f"sampling {num} images, {run.calls} network calls; compiling first")
+        shown.append(progress.Progress(run.calls * batches, desc="sample", unit="network call"))
+        shown[0].write(
+            f"sampling {num} images, {run.calls * batches} network calls; compiling first"
+        )
+    key, parts = jax.random.PRNGKey(seed), []
+    extra = () if classifier is None else (classifier.params,)
     with shown[0] if shown else contextlib.nullcontext():
-        raw = np.asarray(run(state.ema_params, jax.random.PRNGKey(seed), 0, y))
-    wd.refuse_nonfinite(raw, "the samples", int(state.step))
+        for first in range(0, num, batch):
+            y = None if padded is None else jnp.asarray(padded[first : first + batch])
+            parts.append(np.asarray(run(params, key, first, y, *extra)))
+    raw = np.concatenate(parts)[:num]
+    wd.refuse_nonfinite(raw, "the samples", at_step)
     images = wd.to_uint8(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     wd.grid_png(images, targets[0], cols)
-    extra = {} if labels is None else {"labels": np.asarray(labels, np.int32)}
-    np.savez_compressed(targets[1], images=images, **extra)
+    saved = {npz_keys[0]: images}
+    if labels is not None:
+        saved[npz_keys[1]] = np.asarray(labels, np.int32)
+    np.savez_compressed(targets[1], **saved)
     return images
 
 
 def evaluate_bpd(
-    workdir: str | os.PathLike,
+    workdir,
     *,
     split: str = "test",
     batch_size: int = 256,
@@ -123,6 +165,8 @@ def evaluate_bpd(
     var_type: str | None = None,
     log: Callable[[str], None] | None = None,
     num: int | None = None,
+    respacing: str | None = None,
+    dataset=None,
 ) -> dict[str, Any]:
     """Bits/dim of the EMA model on a split of the run's data (the full bound, T network calls
     per batch) with the model's own variance: a learned one, or its fixed one (``var_type``
@@ -133,16 +177,22 @@ def evaluate_bpd(
     (:func:`jaxdiff.likelihood.discretized_gaussian_log_likelihood`). ``log`` receives a
     progress line per batch (images done, elapsed time, the time left). ``num`` evaluates the
     first ``num`` images of the split only (improved-diffusion's ``image_nll.py --num_samples``;
-    the output's ``images`` says how many)."""
+    the output's ``images`` says how many).
+
+    ``workdir`` may be a :class:`jaxdiff.workdir.Loaded` network (an openai checkpoint, see
+    :mod:`jaxdiff.pretrained`) with ``dataset`` (images and, for a conditional model, labels)
+    in place of the run's split; ``respacing`` evaluates the bound over a respaced chain, as
+    improved-diffusion's ``image_nll.py`` does with ``--timestep_respacing``."""
     likelihood.check_tails(tails)
-    config, model, state = wd.restored(workdir, step, at_init=at_init)
+    config, model, params, at_step = wd.loaded(workdir, step, at_init=at_init)
     if config.diffusion.loss == "continuous":
         raise ValueError(
             "bits/dim is defined here for discrete-time models; this one is continuous-time "
             "(--loss continuous)"
         )
     var_type = wd.sampling_var_type(config, var_type)
-    dataset = wd.load_dataset(config.data, split)
+    if dataset is None:
+        dataset = wd.load_dataset(config.data, split)
     if num is not None and num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
     count = len(dataset) if num is None else min(num, len(dataset))
@@ -153,7 +203,7 @@ def evaluate_bpd(
     # The decoder term needs a finite variance at t = 0: improved-diffusion's beta-tilde_1, not
     # denoising-diffusion-pytorch's floor of 1e-20 (which only sampling, where t = 0 adds no
     # noise, can afford).
-    c = wd.build_coeffs(config.diffusion, convention="openai")
+    c = wd.build_coeffs(config.diffusion, convention="openai", respacing=respacing)
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
     def bpd(params, x, y, key):
@@ -171,13 +221,13 @@ def evaluate_bpd(
     totals, priors, decoders = [], [], []
     log = log or (lambda message: None)
     log(
-        f"bits/dim of {len(images)} {split} images at step {int(state.step)}: "
-        f"{config.diffusion.timesteps} network calls per batch of {batch_size}; compiling first"
+        f"bits/dim of {len(images)} {split} images at step {at_step}: "
+        f"{c.num_timesteps} network calls per batch of {batch_size}; compiling first"
     )
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         res = bpd(
-            state.ema_params,
+            params,
             jnp.asarray(images[i : i + batch_size]),
             jnp.asarray(labels[i : i + batch_size]),
             jax.random.PRNGKey(seed + i),
@@ -189,15 +239,15 @@ def evaluate_bpd(
         left = elapsed / done * (len(images) - done)
         log(f"  {done}/{len(images)} images, {elapsed:.0f} s, about {left:.0f} s left")
     total = np.concatenate(totals)
-    wd.refuse_nonfinite(total, "the bits/dim", int(state.step))
+    wd.refuse_nonfinite(total, "the bits/dim", at_step)
     return {
         "bits_per_dim": float(np.mean(total)),
         "prior_bpd": float(np.mean(np.concatenate(priors))),
         "decoder_bpd": float(np.mean(np.concatenate(decoders))),
         "split": split,
         "images": int(len(images)),
-        "step": int(state.step),
-        "timesteps": config.diffusion.timesteps,
+        "step": at_step,
+        "timesteps": c.num_timesteps,
         "var_type": var_type,
         "tails": tails,
     }

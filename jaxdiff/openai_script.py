@@ -85,10 +85,13 @@ CLASSIFIER_DEFAULTS: dict[str, Any] = dict(
 
 # The flags image_sample.py, classifier_sample.py and image_nll.py add to the model's: options
 # of the run, not of the network or the process (jaxdiff's command line has its own).
-SCRIPT_FLAGS: tuple[str, ...] = (
-    "clip_denoised", "num_samples", "batch_size", "use_ddim", "model_path", "classifier_path",
-    "classifier_scale", "data_dir",
-)  # fmt: skip
+# Each is named with the jaxdiff option that takes its place.
+SCRIPT_FLAGS: dict[str, str] = {
+    "clip_denoised": "none: jaxdiff always clips x0 to [-1, 1], the scripts' default",
+    "num_samples": "--num", "batch_size": "--batch-size", "use_ddim": "--sampler ddim",
+    "model_path": "--openai-checkpoint", "classifier_path": "--classifier-checkpoint",
+    "classifier_scale": "--classifier-scale", "data_dir": "--data-dir",
+}  # fmt: skip
 
 LAYOUTS = ("guided", "improved")
 NOISE_SCHEDULES = ("linear", "cosine")  # openai's get_named_beta_schedule
@@ -181,8 +184,8 @@ def _unknown(name: str, layout: str, classifier: bool, known: Mapping[str, Any])
     if name in SCRIPT_FLAGS:
         return ValueError(
             f"--{name} is a flag of openai's sampling scripts (image_sample.py, "
-            "classifier_sample.py, image_nll.py), not of the network or the diffusion: jaxdiff "
-            "takes it as its own command-line option; leave it out of the model flags"
+            "classifier_sample.py, image_nll.py), not of the network or the diffusion: leave "
+            f"it out of the model flags (jaxdiff's option: {SCRIPT_FLAGS[name]})"
         )
     hints = []
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)

@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,9 @@ __all__ = [
     "model_inputs",
     "grid_png",
     "initial_state",
+    "Loaded",
     "load_dataset",
+    "loaded",
     "num_channels",
     "resolve_channels",
     "resolve_schedule",
@@ -314,14 +317,13 @@ def sample_fn(
     remove_parallel_component: bool = True,
     grid: str | None = None,
     on_call: Callable[[], None] | None = None,
-    classifier: tuple[Callable, float] | None = None,
+    classifier: tuple[Callable, float, int] | None = None,
 ):
     """A jitted ``run(params, key, first=0, labels=None, classifier_params=None) -> [num, H,
-    W, C]`` sampler of the
-    run's process; ``run.calls`` is its number of network calls (one per step for DDPM, DDIM
-    and the continuous sampler; ``Sampler.calls`` per step for a fast solver), and
-    ``on_call()``, when given, runs on the host after each of them (a progress bar; it keeps
-    the program out of the persistent compilation cache).
+    W, C]`` sampler of the run's process; ``run.calls`` is its number of network calls (one
+    per step for DDPM, DDIM and the continuous sampler; ``Sampler.calls`` per step for a
+    fast solver), and ``on_call()``, when given, runs on the host after each of them (a
+    progress bar; it keeps the program out of the persistent compilation cache).
 
     ``sampler`` is ``"ddim"``, ``"ddpm"`` or a fast solver of :data:`SOLVERS` (DPM-Solver++,
     UniPC, the Karras samplers), which runs ``steps`` steps of the grid ``grid`` (default: the
@@ -345,8 +347,9 @@ def sample_fn(
     each sample the same value in any batch size; the noise added along the way (DDPM, eta > 0)
     is drawn per batch from ``fold_in(key, -1 - first)``.
 
-    ``classifier`` = ``(apply_fn, scale)`` guides a class-conditional model with a noisy
-    classifier ``apply_fn(classifier_params, x, time) -> logits`` (Dhariwal & Nichol 2021:
+    ``classifier`` = ``(apply_fn, scale, num_classes)`` guides the model (class-conditional
+    or not) towards ``labels`` (default: class j mod ``num_classes``) with a noisy classifier
+    ``apply_fn(classifier_params, x, time) -> logits`` (Dhariwal & Nichol 2021:
     :func:`jaxdiff.guidance.classifier_cond_fn`, the labels' log-probability gradient times
     ``scale``), as guided-diffusion's ``classifier_sample.py``."""
     if sampler not in SAMPLERS:
@@ -393,8 +396,8 @@ def sample_fn(
         respacing = str(steps)
     c = None if continuous_time else objectives.process_coeffs(d, None, respacing)
     learned = var_type in ("learned", "learned_range")
-    if classifier is not None and not conditional:
-        raise ValueError("classifier guidance needs a class-conditional model (its labels)")
+    if classifier is not None and continuous_time:
+        raise ValueError("classifier guidance is defined here for discrete-time models")
     options = {"mean_type": d.objective, "var_type": var_type}
     options["self_condition"] = config.model.self_condition
 
@@ -411,10 +414,11 @@ def sample_fn(
                 jax.debug.callback(on_call, ordered=False)
             return out
 
-        if conditional:
+        if conditional or classifier is not None:
             # default: sample j of the set has class j mod K (every class equally often)
-            y = rows % config.model.num_classes if labels is None else labels
-            y = jnp.asarray(y, jnp.int32)
+            k = config.model.num_classes if conditional else classifier[2]
+            y = jnp.asarray(rows % k if labels is None else labels, jnp.int32)
+        if conditional:
             if guidance_scale is None or guidance_scale == 1:
                 fn = functools.partial(model_fn, label=y)
             else:
@@ -432,7 +436,7 @@ def sample_fn(
             fn = model_fn
         cond_fn = None
         if classifier is not None:
-            apply_classifier, scale = classifier
+            apply_classifier, scale, _ = classifier
             guide = samplers.classifier_cond_fn(
                 lambda x, t: apply_classifier(classifier_params, x, t), scale
             )
@@ -513,6 +517,26 @@ def restored(
             f"before it was saved. Use an earlier step (--step N){other_steps(workdir, state)}."
         )
     return config, model, state
+
+
+class Loaded(NamedTuple):
+    """A network ready to sample or evaluate: its run configuration, the module, the weights
+    (Flax variables) and the training step they come from (0 for imported weights)."""
+
+    config: Config
+    model: Any
+    params: Any
+    step: int
+
+
+def loaded(source, step: int | None = None, *, at_init: bool = False) -> Loaded:
+    """``source`` itself when it is a :class:`Loaded` (e.g. an imported openai checkpoint,
+    :mod:`jaxdiff.pretrained`), else the EMA weights of a workdir's checkpoint (see
+    :func:`restored`)."""
+    if isinstance(source, Loaded):
+        return source
+    config, model, state = restored(source, step, at_init=at_init)
+    return Loaded(config, model, state.ema_params, int(state.step))
 
 
 def other_steps(workdir, state) -> str:

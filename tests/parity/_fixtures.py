@@ -17,6 +17,8 @@ import functools
 import json
 import os
 import pathlib
+import subprocess
+import sys
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -266,3 +268,33 @@ def assert_close_to_reference(
             bound = f64.atol + f64.rtol * np.abs(ref64)
         well_conditioned = np.abs(ref32 - ref64) <= 0.1 * bound
     _compare(actual, ref32, f64, f"{err_msg} (vs float32)", expect_nan, mask=well_conditioned)
+
+
+# ----------------------------------------------------------------------------------------------
+# Live mode of the openai fixtures: re-run a generator with the upstream code, compare exactly
+
+REFERENCE_PYTHON = os.environ.get("JAXDIFF_REFERENCE_PYTHON", sys.executable)
+IMPROVED_DIR = os.environ.get("IMPROVED_DIFFUSION_DIR", "")
+GUIDED_DIR = os.environ.get("GUIDED_DIFFUSION_DIR", "")
+
+
+def openai_references_available() -> bool:
+    """Both repositories' packages in their folders, and torch in the reference Python."""
+    for folder, package in ((IMPROVED_DIR, "improved_diffusion"), (GUIDED_DIR, "guided_diffusion")):
+        if not folder or not (pathlib.Path(folder) / package).is_dir():
+            return False
+    check = [REFERENCE_PYTHON, "-c", "import torch"]
+    return subprocess.run(check, capture_output=True).returncode == 0
+
+
+def regenerated_equals_committed(generator: str, name: str, out: pathlib.Path) -> None:
+    """Run ``generator`` (a file of tests/parity) with the upstream code into ``out`` and
+    require every array of ``<name>.npz`` to equal the committed fixture's exactly."""
+    command = [REFERENCE_PYTHON, str(FIXTURES.parent / generator), "--improved-diffusion",
+               IMPROVED_DIR, "--guided-diffusion", GUIDED_DIR, "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    fresh = np.load(out / f"{name}.npz")
+    stored = np.load(FIXTURES / f"{name}.npz")
+    assert sorted(fresh.files) == sorted(stored.files)
+    for key in stored.files:
+        np.testing.assert_array_equal(fresh[key], stored[key], err_msg=key)

@@ -33,12 +33,9 @@ This script never imports jaxdiff. Regenerate (from the repository root; see PRO
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -420,41 +417,8 @@ def _guided_unet_kwargs(net, arguments: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    for flag, env in (
-        ("--improved-diffusion", "IMPROVED_DIFFUSION_DIR"),
-        ("--guided-diffusion", "GUIDED_DIFFUSION_DIR"),
-    ):
-        parser.add_argument(
-            flag,
-            type=Path,
-            default=Path(os.environ[env]) if os.environ.get(env) else None,
-            help=f"folder holding the package (default ${env})",
-        )
-    args = parser.parse_args(argv)
-    if args.improved_diffusion is None or args.guided_diffusion is None:
-        parser.error("needs --improved-diffusion and --guided-diffusion (or their env variables)")
-
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    modules = load_references(args.improved_diffusion, args.guided_diffusion)
-    print(f"torch {torch.__version__}, numpy {np.__version__}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tick = time.perf_counter()
-    store = generate(modules)
-    path = store.write(args.out)
-    print(
-        f"{path.name}: {len(store.arrays)} arrays, {len(store.meta) - 1} cases, "
-        f"{path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - tick:.1f} s"
-    )
-    for name, seed in sorted(gf.SEEDS.items()):
-        print(f"  seed {name}: {seed}")
-    if store.nonfinite:
-        print(f"non-finite values in {store.nonfinite}")
-        return 1
-    return 0
+    description = __doc__.split("\n\n")[0]
+    return gu.run_generator(argv, description, load_references, generate, other_entries=1)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import shlex
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -51,16 +49,16 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "fixtures"
 
 
-def _load_generator_module():
-    spec = importlib.util.spec_from_file_location(
-        "jaxdiff_parity_generate_fixtures", HERE / "generate_fixtures.py"
-    )
+def _load(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / filename)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-gf = _load_generator_module()
+# The seed rule and the deterministic .npz writer; the generators' shared command line.
+gf = _load("jaxdiff_parity_generate_fixtures", "generate_fixtures.py")
+gu = _load("jaxdiff_parity_generate_openai_unet_fixtures", "generate_openai_unet_fixtures.py")
 
 # improved-diffusion README, "Models and Hyperparameters" (MODEL_FLAGS + DIFFUSION_FLAGS)
 IMPROVED_CIFAR10 = (
@@ -437,41 +435,15 @@ def generate_rest(store, modules) -> None:
         store.case(case, group="refused", repository=repo, kind=kind, flags=flags, error=error)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    for flag, env in (
-        ("--improved-diffusion", "IMPROVED_DIFFUSION_DIR"),
-        ("--guided-diffusion", "GUIDED_DIFFUSION_DIR"),
-    ):
-        parser.add_argument(
-            flag,
-            type=Path,
-            default=Path(os.environ[env]) if os.environ.get(env) else None,
-            help=f"folder holding the package (default ${env})",
-        )
-    args = parser.parse_args(argv)
-    if args.improved_diffusion is None or args.guided_diffusion is None:
-        parser.error("needs --improved-diffusion and --guided-diffusion (or their env variables)")
-
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    modules = load_script_utils(args.improved_diffusion, args.guided_diffusion)
-    print(f"torch {torch.__version__}, numpy {np.__version__}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    tick = time.perf_counter()
+def _generate(modules):
     store = gf.Store("openai_script")
     generate_published(store, modules)
     generate_small(store, modules)
     generate_rest(store, modules)
-    path = store.write(args.out)
-    print(
-        f"{path.name}: {len(store.arrays)} arrays, {len(store.meta)} cases, "
-        f"{path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - tick:.1f} s"
-    )
-    for name, seed in sorted(gf.SEEDS.items()):
-        print(f"  seed {name}: {seed}")
+    return store
+
+
+def _report(store) -> None:
     for case, info in sorted(store.meta.items()):
         if info.get("group") == "small":
             print(
@@ -479,10 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{info['max_abs_model_out']:.3g}, respaced-step change "
                 f"{info['raw_step_change']:.3g}"
             )
-    if store.nonfinite:
-        print(f"non-finite values in {store.nonfinite}")
-        return 1
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    description = __doc__.split("\n\n")[0]
+    return gu.run_generator(argv, description, load_script_utils, _generate, report=_report)
 
 
 if __name__ == "__main__":

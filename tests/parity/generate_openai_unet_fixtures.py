@@ -259,8 +259,14 @@ def generate(modules) -> object:
     return store
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_generator(
+    argv, description: str, load_modules, generate, *, other_entries=0, report=None
+) -> int:
+    """The command line of the openai fixture generators: the two repositories' folders (flags
+    or $IMPROVED_DIFFUSION_DIR / $GUIDED_DIFFUSION_DIR), torch made deterministic,
+    ``generate(load_modules(improved, guided))`` written to ``--out``, a summary printed
+    (``report(store)`` adds to it); 1 when a value is not finite."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     for flag, env in (
         ("--improved-diffusion", "IMPROVED_DIFFUSION_DIR"),
@@ -279,22 +285,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    modules = load_unet_modules(args.improved_diffusion, args.guided_diffusion)
+    modules = load_modules(args.improved_diffusion, args.guided_diffusion)
     print(f"torch {torch.__version__}, numpy {np.__version__}")
     args.out.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
     store = generate(modules)
     path = store.write(args.out)
     print(
-        f"{path.name}: {len(store.arrays)} arrays, {len(store.meta)} cases, "
+        f"{path.name}: {len(store.arrays)} arrays, {len(store.meta) - other_entries} cases, "
         f"{path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - tick:.1f} s"
     )
     for name, seed in sorted(gf.SEEDS.items()):
         print(f"  seed {name}: {seed}")
+    if report is not None:
+        report(store)
     if store.nonfinite:
         print(f"non-finite values in {store.nonfinite}")
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_generator(argv, __doc__.split("\n\n")[0], load_unet_modules, generate)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,7 @@ Tolerances, from the measured errors (2-core CPU, jit, float32 on both sides), w
 """
 
 import functools
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +51,17 @@ from jaxdiff.convert_openai import openai_state_dict_to_params
 from jaxdiff.guidance import classifier_cond_fn
 from jaxdiff.models.openai_unet import openai_model_from_config
 from jaxdiff.samplers import ddim_sample, ddpm_sample
-from tests.parity._fixtures import FIXTURES, Tol, assert_close, load, nchw, nhwc
+from tests.parity._fixtures import (
+    Tol,
+    assert_close,
+    load,
+    nchw,
+    nhwc,
+    openai_references_available,
+    regenerated_equals_committed,
+)
 
 HERE = pathlib.Path(__file__).resolve().parent
-PYTHON = os.environ.get("JAXDIFF_REFERENCE_PYTHON", sys.executable)
-IMPROVED = os.environ.get("IMPROVED_DIFFUSION_DIR", "")
-GUIDED = os.environ.get("GUIDED_DIFFUSION_DIR", "")
 NAME = "openai_sampling"
 
 OPENAI_CHAIN = Tol("openai_chain", 1e-4, 1e-3)
@@ -291,37 +293,12 @@ def test_class_conditional_unet_samples_with_concrete_labels():
 # Live mode
 
 
-def _references_available() -> bool:
-    for folder, package in ((IMPROVED, "improved_diffusion"), (GUIDED, "guided_diffusion")):
-        if not folder or not (pathlib.Path(folder) / package).is_dir():
-            return False
-    return subprocess.run([PYTHON, "-c", "import torch"], capture_output=True).returncode == 0
-
-
 @pytest.mark.live
 @pytest.mark.skipif(
-    not _references_available(),
+    not openai_references_available(),
     reason="live openai sampling parity needs torch 2.13.0 in this Python or in "
     "$JAXDIFF_REFERENCE_PYTHON, IMPROVED_DIFFUSION_DIR and GUIDED_DIFFUSION_DIR (see "
     "PROVENANCE.md); the committed fixture is checked by the other tests here",
 )
 def test_reference_reproduces_openai_sampling_fixture(tmp_path):
-    subprocess.run(
-        [
-            PYTHON,
-            str(HERE / "generate_openai_sampling_fixtures.py"),
-            "--improved-diffusion",
-            IMPROVED,
-            "--guided-diffusion",
-            GUIDED,
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    fresh = np.load(tmp_path / f"{NAME}.npz")
-    stored = np.load(FIXTURES / f"{NAME}.npz")
-    assert sorted(fresh.files) == sorted(stored.files)
-    for key in stored.files:
-        np.testing.assert_array_equal(fresh[key], stored[key], err_msg=key)
+    regenerated_equals_committed("generate_openai_sampling_fixtures.py", NAME, tmp_path)

@@ -9,10 +9,7 @@ PROVENANCE.md). The small networks' weights are not stored: ``redraw`` below reb
 """
 
 import functools
-import os
 import pathlib
-import subprocess
-import sys
 import zlib
 
 import jax
@@ -30,12 +27,18 @@ from jaxdiff.openai_script import (
     create_model_and_diffusion,
     parse_flags,
 )
-from tests.parity._fixtures import F64_TABLE, FIXTURES, Tol, assert_close, load, nchw, nhwc
+from tests.parity._fixtures import (
+    F64_TABLE,
+    Tol,
+    assert_close,
+    load,
+    nchw,
+    nhwc,
+    openai_references_available,
+    regenerated_equals_committed,
+)
 
 HERE = pathlib.Path(__file__).resolve().parent
-PYTHON = os.environ.get("JAXDIFF_REFERENCE_PYTHON", sys.executable)
-IMPROVED = os.environ.get("IMPROVED_DIFFUSION_DIR", "")
-GUIDED = os.environ.get("GUIDED_DIFFUSION_DIR", "")
 NAME = "openai_script"
 
 # Tolerances (measured on a 2-core CPU, jit, float32 on both sides; PROVENANCE.md has the table).
@@ -151,7 +154,7 @@ def test_flags_parse_as_the_scripts_parse_them(case):
         k: type(v) for k, v in info["options"].items()
     }
     if info.get("script_flags"):  # what the README line adds for the sampling script
-        with pytest.raises(ValueError, match="jaxdiff takes it as its own command-line option"):
+        with pytest.raises(ValueError, match="leave it out of the model flags"):
             _create(info, f"{info['flags']} {info['script_flags']}")
 
 
@@ -333,37 +336,12 @@ def test_small_cases_cover_the_options():
 # Live mode
 
 
-def _references_available() -> bool:
-    for folder, package in ((IMPROVED, "improved_diffusion"), (GUIDED, "guided_diffusion")):
-        if not folder or not (pathlib.Path(folder) / package).is_dir():
-            return False
-    return subprocess.run([PYTHON, "-c", "import torch"], capture_output=True).returncode == 0
-
-
 @pytest.mark.live
 @pytest.mark.skipif(
-    not _references_available(),
+    not openai_references_available(),
     reason="live openai script_util parity needs torch 2.13.0 in this Python or in "
     "$JAXDIFF_REFERENCE_PYTHON, IMPROVED_DIFFUSION_DIR and GUIDED_DIFFUSION_DIR (see "
     "PROVENANCE.md); the committed fixture is checked by the other tests here",
 )
 def test_reference_reproduces_openai_script_fixture(tmp_path):
-    subprocess.run(
-        [
-            PYTHON,
-            str(HERE / "generate_openai_script_fixtures.py"),
-            "--improved-diffusion",
-            IMPROVED,
-            "--guided-diffusion",
-            GUIDED,
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    fresh = np.load(tmp_path / f"{NAME}.npz")
-    stored = np.load(FIXTURES / f"{NAME}.npz")
-    assert sorted(fresh.files) == sorted(stored.files)
-    for key in stored.files:
-        np.testing.assert_array_equal(fresh[key], stored[key], err_msg=key)
+    regenerated_equals_committed("generate_openai_script_fixtures.py", NAME, tmp_path)

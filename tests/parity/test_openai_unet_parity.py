@@ -8,9 +8,7 @@ the exact state_dict round trip, the conversion's and the networks' errors, ``.p
 bfloat16 run.
 """
 
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -26,12 +24,17 @@ from jaxdiff.convert_openai import (
     save_openai_pt,
 )
 from jaxdiff.models.openai_unet import EncoderUNetModel, UNetModel, openai_model_from_config
-from tests.parity._fixtures import FIXTURES, Tol, assert_close, load, nchw, nhwc
+from tests.parity._fixtures import (
+    Tol,
+    assert_close,
+    load,
+    nchw,
+    nhwc,
+    openai_references_available,
+    regenerated_equals_committed,
+)
 
 HERE = pathlib.Path(__file__).resolve().parent
-PYTHON = os.environ.get("JAXDIFF_REFERENCE_PYTHON", sys.executable)
-IMPROVED = os.environ.get("IMPROVED_DIFFUSION_DIR", "")
-GUIDED = os.environ.get("GUIDED_DIFFUSION_DIR", "")
 
 # max |jaxdiff - reference| / max |reference output|, measured (2-core CPU, jit, float32 on both
 # sides; tests/parity/PROVENANCE.md has the table too):
@@ -324,38 +327,12 @@ def test_inputs_are_checked_and_dropout_runs_in_train_mode():
 # Live mode
 
 
-def _references_available() -> bool:
-    for folder, package in ((IMPROVED, "improved_diffusion"), (GUIDED, "guided_diffusion")):
-        if not folder or not (pathlib.Path(folder) / package).is_dir():
-            return False
-    code = "import torch"
-    return subprocess.run([PYTHON, "-c", code], capture_output=True).returncode == 0
-
-
 @pytest.mark.live
 @pytest.mark.skipif(
-    not _references_available(),
+    not openai_references_available(),
     reason="live openai UNet parity needs torch 2.13.0 in this Python or in "
     "$JAXDIFF_REFERENCE_PYTHON, IMPROVED_DIFFUSION_DIR and GUIDED_DIFFUSION_DIR (see "
     "PROVENANCE.md); the committed fixture is checked by test_flax_network_matches_reference",
 )
 def test_reference_reproduces_openai_unet_fixture(tmp_path):
-    subprocess.run(
-        [
-            PYTHON,
-            str(HERE / "generate_openai_unet_fixtures.py"),
-            "--improved-diffusion",
-            IMPROVED,
-            "--guided-diffusion",
-            GUIDED,
-            "--out",
-            str(tmp_path),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    fresh = np.load(tmp_path / "openai_unet.npz")
-    stored = np.load(FIXTURES / "openai_unet.npz")
-    assert sorted(fresh.files) == sorted(stored.files)
-    for key in stored.files:
-        np.testing.assert_array_equal(fresh[key], stored[key], err_msg=key)
+    regenerated_equals_committed("generate_openai_unet_fixtures.py", "openai_unet", tmp_path)
