@@ -459,7 +459,6 @@ def _validate_openai(m: ModelConfig, image_size: int, need) -> None:
         f"{', '.join(changed)}: options of the lucid Unet, which openai's UNetModel (--arch "
         "openai) does not have; leave them out",
     )
-    need(not m.remat, "remat is an option of the lucid Unet; openai's UNetModel has none yet")
     narrow = [w for w in (int(f * m.dim) for f in m.dim_mults) if w <= 0 or w % 32]
     need(
         not narrow,

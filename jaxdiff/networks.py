@@ -65,6 +65,7 @@ def build_openai_model(config: Config) -> LabelledUNetModel:
             use_new_attention_order=m.use_new_attention_order,
             image_size=config.data.image_size,
             dtype=None if m.dtype == "float32" else m.dtype,
+            remat=m.remat,
         )
     )
 

@@ -12,7 +12,7 @@ a line. This module reads that line the way the scripts do (``add_dict_to_argpar
   ``image_size`` (improved-diffusion: 32, 64, 256; guided-diffusion: 64, 128, 256, 512, or its
   ``--channel_mult`` flag), ``attention_resolutions`` as down-sampling rates
   ``image_size // resolution``, 6 output channels with ``learn_sigma``, 1000 classes with
-  ``class_cond``; ``use_fp16`` becomes ``dtype="bfloat16"``, ``use_checkpoint`` is ignored;
+  ``class_cond``; ``use_fp16`` becomes ``dtype="bfloat16"``, ``use_checkpoint`` ``remat=True``;
 * the process, :class:`OpenAIDiffusion`: a :class:`jaxdiff.config.DiffusionConfig` (openai's
   loss; ``predict_xstart`` -> objective x0, ``learn_sigma`` -> learned_range, else
   ``sigma_small`` -> fixed_small, else fixed_large; ``use_kl`` -> rescaled_kl, else

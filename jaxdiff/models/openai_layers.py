@@ -212,6 +212,9 @@ class BlockOptions(NamedTuple):
     conv_resample: bool
     use_new_attention_order: bool
     dtype: Any  # the torso's compute dtype
+    # recompute the ResBlocks' and attention blocks' activations in the backward pass
+    # (flax.linen.remat; the references' use_checkpoint): less memory, more compute
+    remat: bool = False
 
 
 class Downsample(nn.Module):
@@ -354,16 +357,19 @@ class EmbedSequential(nn.Module):
     @nn.compact
     def __call__(self, x, emb, train: bool = False):
         o = self.options
+        # remat's arguments count the module: (x, emb, train) are 1, 2, 3; train is static
+        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if o.remat else ResBlock
+        attn_cls = nn.remat(AttentionBlock) if o.remat else AttentionBlock
         for i, layer in enumerate(self.layers):
             name = str(i)
             if layer.kind == "conv":
                 x = _conv(layer.channels, x.shape[-1], name, o.dtype)(x)
             elif layer.kind == "res":
                 up, down = layer.updown == "up", layer.updown == "down"
-                block = ResBlock(layer.channels, o, up=up, down=down, name=name)
+                block = res_cls(layer.channels, o, up=up, down=down, name=name)
                 x = block(x, emb, train)
             elif layer.kind == "attn":
-                x = AttentionBlock(layer.heads, o, name=name)(x)
+                x = attn_cls(layer.heads, o, name=name)(x)
             elif layer.kind == "down":
                 x = Downsample(o.conv_resample, o.dtype, name=name)(x)
             elif layer.kind == "up":

@@ -107,6 +107,7 @@ class _OpenAIBase(nn.Module):
     use_new_attention_order: bool = False
     image_size: int | None = None
     dtype: Any = None
+    remat: bool = False
 
     def __post_init__(self):
         # JSON configs carry lists and the references accept any collection; fields stay hashable
@@ -209,7 +210,7 @@ class _OpenAIBase(nn.Module):
 
     def _options(self, dtype) -> BlockOptions:
         flags = (self.use_scale_shift_norm, self.conv_resample, self.use_new_attention_order)
-        return BlockOptions(float(self.dropout), *flags, dtype)
+        return BlockOptions(float(self.dropout), *flags, dtype, bool(self.remat))
 
     def config(self) -> dict[str, Any]:
         """The reference options as a JSON-ready dict (``openai_model_from_config`` inverts it)."""
@@ -294,7 +295,10 @@ class UNetModel(_OpenAIBase):
       layout: "guided" (every option) or "improved" (improved-diffusion's UNetModel: refuses
         the options it lacks and ``channel_mult[0] != 1``).
 
-    Execution option:
+    Execution options:
+      remat: recompute every ResBlock's and attention block's activations in the backward pass
+        instead of storing them (``flax.linen.remat``; the references' ``use_checkpoint``):
+        less memory for more compute, the same numbers.
       dtype: the torso's compute dtype, e.g. ``"bfloat16"`` (jaxdiff's counterpart of the
         references' ``use_fp16``): the input, middle and output blocks' convolutions and
         attention products run in it; GroupNorm and the softmax compute in float32; the time
@@ -552,9 +556,10 @@ def openai_model_from_config(
     """A network from the references' constructor arguments (as ``script_util`` passes them).
 
     ``model`` is "UNetModel", "SuperResModel" or "EncoderUNetModel". The references' execution
-    flags are accepted: ``use_checkpoint`` changes no number and is dropped; ``use_fp16=True``
-    becomes ``dtype="bfloat16"`` unless ``dtype`` is given in ``options``. ``options`` are
-    ``dtype`` and, for the UNets, ``layout`` ("guided" or "improved"). Unknown keys raise a
+    flags are accepted: ``use_checkpoint=True`` becomes ``remat=True`` (recomputation in the
+    backward pass; no number changes) and ``use_fp16=True`` becomes ``dtype="bfloat16"``, unless
+    ``options`` gives them. ``options`` are ``dtype``, ``remat`` and, for the UNets, ``layout``
+    ("guided" or "improved"). Unknown keys raise a
     ValueError naming them; lists become tuples.
     """
     if model not in _MODELS:
@@ -564,9 +569,10 @@ def openai_model_from_config(
     cls = _MODELS[model]
     fields = ENCODER_FIELDS if cls is EncoderUNetModel else UNET_FIELDS
     config = dict(config)
-    config.pop("use_checkpoint", None)
+    if config.pop("use_checkpoint", False) and "remat" not in options:
+        options["remat"] = True
     use_fp16 = bool(config.pop("use_fp16", False))
-    allowed_options = {"dtype"} | ({"layout"} if cls is not EncoderUNetModel else set())
+    allowed_options = {"dtype", "remat"} | ({"layout"} if cls is not EncoderUNetModel else set())
     unknown = sorted((set(config) - set(fields)) | (set(options) - allowed_options))
     if unknown:
         raise ValueError(

@@ -146,7 +146,6 @@ def test_openai_arch_builds_the_unet_model_and_leaves_lucid_identities_alone():
         ({"model": {"arch": "openai", "dim": 32, "num_classes": 4}}, "--cond-drop-prob 0"),
         ({"model": {"arch": "openai", "dim": 32, "num_mem_kv": 2}}, "num_mem_kv"),
         ({"model": {"arch": "openai", "dim": 32, "attention_resolutions": [32]}}, "no level"),
-        ({"model": {"arch": "openai", "dim": 32, "remat": True}}, "remat"),
         ({"model": {"use_new_attention_order": True}}, "--arch openai"),
         ({"model": {"arch": "flax"}}, "one of"),
     ],
