@@ -40,7 +40,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, classifier: bool) -> Non
         default="",
         metavar="FLAGS",
         help='its script_util flags in one string, e.g. "--image_size 64 --num_channels 128 '
-        '--learn_sigma True --diffusion_steps 4000 --noise_schedule cosine"',
+        '--learn_sigma True --diffusion_steps 4000 --noise_schedule cosine" (a single flag: '
+        '--openai-flags="--image_size=32")',
     )
     group.add_argument("--openai-layout", choices=("improved", "guided"), help=LAYOUT_HELP)
     if not classifier:
