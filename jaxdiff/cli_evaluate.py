@@ -35,42 +35,62 @@ def _labels_of(args: argparse.Namespace, num_classes: int | None):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from jaxdiff import config as cfg
     from jaxdiff import evaluation
     from jaxdiff import workdir as wd
 
     try:
         cli_openai.check_source(args)
-        if args.openai_checkpoint is not None:
-            return cli_openai.sample(args, _labels_of)
-        config = cfg.load_config(args.workdir)
-        sampler = args.sampler or "ddim"
+        openai = args.openai_checkpoint is not None
+        if openai:  # image_sample.py: DDPM over the flags' respacing, the .npz keys it writes
+            source, flags_respacing, classifier = cli_openai.for_sampling(args)
+            config, sampler = source.config, args.sampler or "ddpm"
+            extra = dict(classifier=classifier, classifier_scale=args.classifier_scale,
+                         npz_keys=("arr_0", "arr_1"))  # fmt: skip
+        else:
+            source, flags_respacing, classifier = args.workdir, None, None
+            config, sampler = cfg.load_config(args.workdir), args.sampler or "ddim"
+            extra = dict(step=args.step)
+        respacing = args.respacing
+        if respacing is None and args.steps is None and sampler not in wd.SOLVERS:
+            respacing = flags_respacing
         steps = wd.resolve_steps(config, sampler, args.steps)
-        name = wd.sampler_name(config, sampler, steps, args.respacing, args.grid)
-        labels, cols, num, suffix = _labels_of(args, config.model.num_classes)
+        name = wd.sampler_name(config, sampler, steps, respacing, args.grid)
+        k = config.model.num_classes or (classifier.num_classes if classifier else None)
+        labels, cols, num, suffix = _labels_of(args, k)
+        if openai and labels is None and k is not None:  # the scripts draw them at random
+            labels = np.arange(num) % k
         name += suffix
         if args.guidance_scale is not None:
             name += f"_w{args.guidance_scale:g}"
-        out = args.out or Path(args.workdir) / "samples" / f"{name}_seed{args.seed}"
+        if classifier is not None:
+            name += f"_classifier{args.classifier_scale:g}"
+        out = args.out or (
+            Path("samples") / f"{args.openai_checkpoint.stem}_{name}_seed{args.seed}"
+            if openai
+            else Path(args.workdir) / "samples" / f"{name}_seed{args.seed}"
+        )
         evaluation.sample_images(
-            args.workdir,
+            source,
             out,
             num=num,
             sampler=sampler,
             steps=steps,
             eta=args.eta,
             seed=args.seed,
-            step=args.step,
             overwrite=args.force,
             labels=labels,
             guidance_scale=args.guidance_scale,
             rescaled_phi=args.rescaled_phi,
-            respacing=args.respacing,
+            respacing=respacing,
             var_type=args.var_type,
             cols=cols,
             grid=args.grid,
             show_progress=not args.quiet,
             batch_size=args.batch_size,
+            **extra,
         )
     except (ValueError, FileNotFoundError) as error:
         return _fail("sample", error)

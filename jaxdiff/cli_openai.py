@@ -17,8 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 LAYOUT_HELP = (
     "whose script_util defaults fill in the flags left out: improved (improved-diffusion; "
     "rescale_timesteps True) or guided (guided-diffusion)"
@@ -102,11 +100,10 @@ def _load(args: argparse.Namespace, data_dir=None):
     )
 
 
-def sample(args: argparse.Namespace, labels_of) -> int:
-    """``jaxdiff sample --openai-checkpoint``; ``labels_of(args, num_classes)`` is the
-    command's --class reading: ``(labels, cols, num, name suffix)``."""
-    from jaxdiff import evaluation, pretrained
-    from jaxdiff import workdir as wd
+def for_sampling(args: argparse.Namespace):
+    """``jaxdiff sample --openai-checkpoint``: the loaded network, the flags'
+    ``--timestep_respacing`` (None for the whole chain) and the classifier (or None)."""
+    from jaxdiff import pretrained
 
     loaded, diffusion = _load(args)
     classifier = None
@@ -114,45 +111,7 @@ def sample(args: argparse.Namespace, labels_of) -> int:
         classifier = pretrained.load_classifier(args.classifier_checkpoint, args.classifier_flags)
     elif args.classifier_flags:
         raise ValueError("--classifier-flags needs --classifier-checkpoint")
-    config = loaded.config
-    sampler = args.sampler or "ddpm"  # image_sample.py's p_sample_loop
-    respacing = args.respacing
-    if respacing is None and args.steps is None and sampler not in wd.SOLVERS:
-        respacing = diffusion.respacing  # the flags' --timestep_respacing
-    steps = wd.resolve_steps(config, sampler, args.steps)
-    name = wd.sampler_name(config, sampler, steps, respacing, args.grid)
-    k = config.model.num_classes or (classifier.num_classes if classifier else None)
-    labels, cols, num, suffix = labels_of(args, k)
-    if labels is None and k is not None:  # the scripts draw classes at random; here j mod K
-        labels = np.arange(num) % k
-    name += suffix
-    if classifier is not None:
-        name += f"_classifier{args.classifier_scale:g}"
-    out = args.out or Path("samples") / f"{args.openai_checkpoint.stem}_{name}_seed{args.seed}"
-    evaluation.sample_images(
-        loaded,
-        out,
-        num=num,
-        sampler=sampler,
-        steps=steps,
-        eta=args.eta,
-        seed=args.seed,
-        overwrite=args.force,
-        labels=labels,
-        guidance_scale=args.guidance_scale,
-        rescaled_phi=args.rescaled_phi,
-        respacing=respacing,
-        var_type=args.var_type,
-        cols=cols,
-        grid=args.grid,
-        show_progress=not args.quiet,
-        batch_size=args.batch_size,
-        classifier=classifier,
-        classifier_scale=args.classifier_scale,
-        npz_keys=("arr_0", "arr_1"),  # image_sample.py's, which openai's evaluator reads
-    )
-    print(f"wrote {Path(out).with_suffix('.png')} and {Path(out).with_suffix('.npz')}")
-    return 0
+    return loaded, diffusion.respacing, classifier
 
 
 def bpd(args: argparse.Namespace) -> dict:

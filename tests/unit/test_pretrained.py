@@ -224,3 +224,34 @@ def test_a_pt_checkpoint_reads_as_its_npz(model_file, tmp_path, capsys):
         jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(variables), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_readmes_openai_commands_build_the_released_networks():
+    """The --openai-flags of the README's commands build the networks of the checkpoints they
+    name (the parameter counts of improved-diffusion's CIFAR-10 model, 52.5M, and
+    guided-diffusion's ImageNet-64 model, 296M), and the classifier's flags build."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    text = readme.replace("\\\n", " ")
+    sizes = {}
+    for line in re.findall(r"jaxdiff (?:sample|bpd) --openai-checkpoint [^\n]*", text):
+        flags = re.search(r'--openai-flags "([^"]*)"', line).group(1)
+        if flags == "...":
+            continue
+        layout = re.search(r"--openai-layout (\w+)", line).group(1)
+        net, _ = openai_script.create_model_and_diffusion(flags, layout=layout)
+        size = net.image_size or openai_script.parse_flags(flags, layout=layout)["image_size"]
+        args = [jnp.zeros((1, size, size, 3)), jnp.zeros(1)]
+        if net.num_classes:
+            args.append(jnp.zeros(1, jnp.int32))
+        shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), *args))  # noqa: B023
+        sizes[line.split()[3]] = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+        classifier = re.search(r'--classifier-flags "([^"]*)"', line)
+        if classifier:
+            clf, _ = openai_script.create_classifier_and_diffusion(classifier.group(1))
+            assert clf.out_channels == 1000
+    assert len(sizes) == 2, sizes
+    assert round(sizes["cifar10_uncond_50M_500K.pt"] / 1e6, 1) == 52.5
+    assert round(sizes["64x64_diffusion.pt"] / 1e6) == 296
