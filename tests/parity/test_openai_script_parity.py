@@ -4,7 +4,7 @@ keys and shapes), the same process (betas, respacing, the network's times, mean 
 loss types) and, for small networks with imported weights, the same ``p_mean_variance``.
 
 Fixture: ``fixtures/openai_script.npz`` from ``generate_openai_script_fixtures.py`` (see
-PROVENANCE.md). The small networks' weights are not stored: ``redraw`` below rebuilds them
+PROVENANCE.md). The small networks' weights are not stored: ``redraw`` (_redraw.py) rebuilds them
 (the generator's counter-based rule), and a CRC-32 per parameter proves they are the same.
 """
 
@@ -37,6 +37,7 @@ from tests.parity._fixtures import (
     openai_references_available,
     regenerated_equals_committed,
 )
+from tests.parity._redraw import redraw
 
 HERE = pathlib.Path(__file__).resolve().parent
 NAME = "openai_script"
@@ -88,35 +89,6 @@ def _create(info, flags=None, **options):
     if info["kind"] == "classifier":
         return create_classifier_and_diffusion(flags, **options)
     return create_model_and_diffusion(flags, layout=info["repository"], **options)
-
-
-# ----------------------------------------------------------------------------------------------
-# The counter-based redraw (generate_openai_script_fixtures.py, ``redraw``)
-
-
-def _codes(seed: int, n: int) -> np.ndarray:
-    z = (np.uint64(seed) << np.uint64(32)) + np.arange(n, dtype=np.uint64)
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return (z ^ (z >> np.uint64(31))) >> np.uint64(53)
-
-
-def redraw(owner: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
-    seed = zlib.crc32(f"openai_script/{owner}/weights/{key}".encode()) & 0x7FFFFFFF
-    n = int(np.prod(shape, dtype=np.int64))
-    u = (_codes(seed, n).astype(np.float64) + 0.5) / 1024.0 - 1.0
-    leaf = key.rsplit(".", 1)[-1]
-    if key == "label_emb.weight":
-        value = 2.0 * u
-    elif leaf == "bias":
-        value = u / 4.0
-    elif leaf == "weight" and len(shape) == 1:
-        value = 1.0 + u / 4.0
-    else:
-        fan_in = shape[0] if leaf == "positional_embedding" else int(np.prod(shape[1:]))
-        value = u / float(2 ** ((fan_in.bit_length() - 1) // 2))
-    return value.reshape(shape).astype(np.float16).astype(np.float32)
 
 
 def _state_dict(case: str, info) -> dict[str, np.ndarray]:
