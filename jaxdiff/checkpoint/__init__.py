@@ -38,6 +38,7 @@ import json
 import os
 import pathlib
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -229,8 +230,15 @@ def _remove_temporary(directory: pathlib.Path, step: int) -> None:
     best effort and on process 0 only: it is not a checkpoint, and it may fill the disk."""
     if jax.process_index() != 0:
         return
-    for path in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        shutil.rmtree(path, ignore_errors=True)
+    # Orbax reports the first failed write while its other writers may still be adding files
+    # to the directory (an rmtree then finds it not empty, or it comes back): retry a while.
+    for _ in range(50):
+        left = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        if not left:
+            return
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------------------
