@@ -215,7 +215,7 @@ def test_a_fast_solver_samples_an_openai_checkpoint(model_file, tmp_path, capsys
 
 
 def test_a_pt_checkpoint_reads_as_its_npz(model_file, tmp_path, capsys):
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="reading a .pt file needs torch (the parity extra)")
     path, net, variables = model_file
     pt = tmp_path / "model.pt"
     convert_openai.save_openai_pt(pt, dict(np.load(path)))
